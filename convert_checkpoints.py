@@ -1,0 +1,41 @@
+"""Convert Meta's fairscale shards (consolidated.XX.pth + params.json) into a DCP checkpoint.
+
+    torchrun --nproc_per_node N convert_checkpoints.py --original_ckpt_dir DIR \
+        --tokenizer_path DIR/tokenizer.model --save_checkpoint_dir OUT
+"""
+
+import argparse
+from pathlib import Path
+
+from llama.checkpoint import DTYPES, MetaCheckpoint, convert
+from llama.distributed import init_runtime, log, run_cli
+from llama.tokenizer import Tokenizer
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--original_ckpt_dir", type=Path, required=True, help="folder with params.json and consolidated.*.pth")
+    p.add_argument("--tokenizer_path", type=Path, help="tokenizer.model (default: the one in --original_ckpt_dir)")
+    p.add_argument("--save_checkpoint_dir", type=Path, required=True, help="output folder for the DCP checkpoint")
+    p.add_argument("--model_parallel_size", type=int, help="number of shards; detected from the files if omitted")
+    p.add_argument("--max_seq_len", type=int, default=2048, help="longest prompt + generation to allow")
+    p.add_argument("--max_batch_size", type=int, default=4, help="most prompts generated together")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the stored weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_checkpoint_dir")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    runtime = init_runtime()
+    tokenizer_path = args.tokenizer_path or args.original_ckpt_dir / "tokenizer.model"
+    tokenizer = Tokenizer(tokenizer_path)
+    ckpt = MetaCheckpoint(args.original_ckpt_dir, tokenizer, args.model_parallel_size,
+                          max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
+    log(f"{args.original_ckpt_dir}: {len(ckpt.paths)} shard(s), {ckpt.args.n_layers} layers, dim {ckpt.args.dim}, "
+        f"vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
+    convert(ckpt, tokenizer_path, args.save_checkpoint_dir, runtime, args.dtype, args.overwrite)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""tp-llama: tensor-parallel inference of Meta Llama checkpoints with DTensor and DCP."""

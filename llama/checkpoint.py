@@ -1,0 +1,225 @@
+"""Meta fairscale shards -> Distributed Checkpoint (DCP), and DCP -> a sharded model.
+
+Conversion: every rank memory-maps all `consolidated.XX.pth` shards and assembles only its
+own rows (dim-0 slice) of each weight, which it hands to DCP as a DTensor. DCP stores
+chunks with their global offsets, so the result loads at any tensor-parallel degree.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor, Shard
+
+from llama.args import ModelArgs
+from llama.distributed import Runtime, log
+from llama.errors import UserError
+from llama.model import Transformer
+from llama.parallel import parallelize
+from llama.tokenizer import Tokenizer
+
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+# Present in every Llama 2 shard, recomputed by the model, never needed.
+IGNORED_KEYS = {"rope.freqs"}
+ARGS_FILE = "model_args.json"
+TOKENIZER_FILE = "tokenizer.model"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class MergePlan:
+    """How one weight is split across the Meta shards: concatenated along `dim`, or replicated."""
+
+    shape: tuple[int, ...]
+    dim: int | None
+    source: str  # key in the shards; output.weight may come from the tied embedding
+
+
+class MetaCheckpoint:
+    """A Meta-format checkpoint directory, memory-mapped and validated against params.json."""
+
+    def __init__(self, ckpt_dir: Path, tokenizer: Tokenizer, model_parallel_size: int | None = None,
+                 **arg_overrides: object) -> None:
+        self.dir = Path(ckpt_dir)
+        if not self.dir.is_dir() or not any(self.dir.iterdir()):
+            raise UserError(f"--original_ckpt_dir {self.dir}: missing or empty; pass the folder that holds "
+                            "params.json and consolidated.*.pth (download.py prints it)")
+        self.paths = _shard_paths(self.dir)
+        if model_parallel_size is not None and model_parallel_size != len(self.paths):
+            raise UserError(f"--model_parallel_size {model_parallel_size} does not match the {len(self.paths)} "
+                            f"consolidated.*.pth file(s) in {self.dir}; omit the flag to detect it")
+        args = ModelArgs.from_params_json(self.dir / "params.json", **arg_overrides)
+        if args.vocab_size == -1:  # Llama 2 leaves it to the tokenizer
+            args.vocab_size = tokenizer.n_words
+        elif args.vocab_size != tokenizer.n_words:
+            raise UserError(f"--tokenizer_path {tokenizer.path}: {tokenizer.n_words} tokens, but params.json says "
+                            f"vocab_size {args.vocab_size}; pass the tokenizer that came with this checkpoint")
+        args.check(str(self.dir / "params.json"))
+        self.args = args
+        self.shards = [self._open(p) for p in self.paths]
+        self.plans = self._plan()
+
+    def _open(self, path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for truncated or foreign files
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); re-download it") from None
+
+    def _plan(self) -> dict[str, MergePlan]:
+        expected = self.args.weight_shapes()
+        keys = set(self.shards[0]) - IGNORED_KEYS
+        for path, shard in zip(self.paths, self.shards):
+            if set(shard) - IGNORED_KEYS != keys:
+                raise UserError(f"{path}: holds different weights than {self.paths[0].name}; re-download it")
+        if "output.weight" not in keys:  # tied output (Llama 3.2 1B/3B)
+            keys.add("output.weight")
+        unexpected, missing = sorted(keys - expected.keys()), sorted(expected.keys() - keys)
+        if unexpected or missing:
+            detail = f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}"
+            raise UserError(f"{self.dir}: weights do not match params.json ({detail}); "
+                            "is params.json from the same model?")
+        plans = {}
+        for name, shape in expected.items():
+            source = name if name in self.shards[0] else "tok_embeddings.weight"
+            plans[name] = MergePlan(shape, self._concat_dim(source, shape), source)
+        return plans
+
+    def _concat_dim(self, name: str, shape: tuple[int, ...]) -> int | None:
+        shapes = [tuple(s[name].shape) for s in self.shards]
+        if all(s == shape for s in shapes):
+            for path, shard in zip(self.paths[1:], self.shards[1:]):
+                if not torch.equal(shard[name], self.shards[0][name]):
+                    raise UserError(f"{path}: replicated weight {name} differs from {self.paths[0].name}")
+            return None
+        for dim in range(len(shape)):
+            others_match = all(s[:dim] + s[dim + 1:] == shape[:dim] + shape[dim + 1:] for s in shapes)
+            if others_match and sum(s[dim] for s in shapes) == shape[dim]:
+                return dim
+        raise UserError(f"{self.paths[0]}: {name} has shape {list(shapes[0])} in each of {len(shapes)} shard(s), "
+                        f"which does not add up to {list(shape)} from params.json; is params.json from this model?")
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the merged weight, reading only those rows from the shards."""
+        plan = self.plans[name]
+        parts = [s[plan.source] for s in self.shards]
+        if plan.dim is None:
+            return parts[0][start:stop]
+        if plan.dim > 0:
+            return torch.cat([p[start:stop] for p in parts], dim=plan.dim)
+        pieces, offset = [], 0
+        for p in parts:
+            lo, hi = max(start, offset), min(stop, offset + p.shape[0])
+            if lo < hi:
+                pieces.append(p[lo - offset:hi - offset])
+            offset += p.shape[0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _shard_paths(ckpt_dir: Path) -> list[Path]:
+    found = {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name))}
+    if not found:
+        raise UserError(f"--original_ckpt_dir {ckpt_dir}: no consolidated.*.pth files; is this a Meta-format "
+                        "checkpoint (not the -hf safetensors)?")
+    if sorted(found) != list(range(len(found))):
+        raise UserError(f"--original_ckpt_dir {ckpt_dir}: shard files {sorted(found)} are not numbered "
+                        f"0..{len(found) - 1}; a download is incomplete")
+    return [found[i] for i in range(len(found))]
+
+
+def _local_rows(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Row range of `rank` under DTensor's Shard(0), which splits like torch.chunk."""
+    chunk = -(-n_rows // world_size)
+    return min(rank * chunk, n_rows), min((rank + 1) * chunk, n_rows)
+
+
+def convert(ckpt: MetaCheckpoint, tokenizer_path: Path, out_dir: Path, runtime: Runtime, dtype: str,
+            overwrite: bool) -> None:
+    """Write `ckpt` as a DCP checkpoint plus model_args.json and tokenizer.model in `out_dir`.
+
+    All of it is written to a sibling `.partial` directory that is renamed into place at
+    the end, so `out_dir` is either the whole checkpoint or untouched."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise UserError(f"--save_checkpoint_dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if runtime.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+
+    start = time.perf_counter()
+    torch_dtype = DTYPES[dtype]
+    state: dict[str, torch.Tensor] = {}
+    for name, plan in ckpt.plans.items():
+        if len(plan.shape) == 1:  # norms: tiny, kept whole on every rank (DCP writes one copy)
+            state[name] = ckpt.rows(name, 0, plan.shape[0]).to(torch_dtype)
+            continue
+        lo, hi = _local_rows(plan.shape[0], runtime.rank, runtime.world_size)
+        local = ckpt.rows(name, lo, hi).to(torch_dtype).contiguous()
+        state[name] = DTensor.from_local(local, runtime.mesh, [Shard(0)], shape=torch.Size(plan.shape),
+                                         stride=torch.empty(plan.shape, device="meta").stride())
+    dcp.save(state, checkpoint_id=staging)
+
+    if runtime.is_main:
+        ckpt.args.dtype = dtype
+        ckpt.args.save(staging / ARGS_FILE)
+        shutil.copyfile(tokenizer_path, staging / TOKENIZER_FILE)
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        staging.rename(out_dir)
+    dist.barrier()
+    log(f"converted {len(ckpt.plans)} tensors in {time.perf_counter() - start:.1f}s -> {out_dir}")
+
+
+def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:
+    """Fail clearly if `ckpt_dir` is not a DCP checkpoint of the model `args` describes."""
+    if not (ckpt_dir / ".metadata").is_file():
+        raise UserError(f"--converted_ckpt_dir {ckpt_dir}: not a DCP checkpoint (no .metadata); "
+                        "create it with convert_checkpoints.py")
+    stored = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    for name, shape in args.weight_shapes().items():
+        if name not in stored or tuple(stored[name].size) != shape:
+            found = list(stored[name].size) if name in stored else "nothing"
+            raise UserError(f"--converted_ckpt_dir {ckpt_dir}: {name} is {found} but {args_path} expects "
+                            f"{list(shape)}; the checkpoint was converted from another model")
+
+
+def load_parallel_model(ckpt_dir: Path, args: ModelArgs, runtime: Runtime, dtype: torch.dtype) -> Transformer:
+    """Build on meta, shard over the mesh, allocate only local shards, read them from DCP."""
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    parallelize(model, runtime.mesh)
+    model.to_empty(device=runtime.device)
+    dcp.load(model.state_dict(), checkpoint_id=ckpt_dir)
+    return model.eval().requires_grad_(False)
+
+
+def load_converted(ckpt_dir: Path, runtime: Runtime, dtype: torch.dtype, model_args: Path | None = None,
+                   tokenizer_path: Path | None = None, max_seq_len: int | None = None,
+                   max_batch_size: int | None = None) -> tuple[Transformer, Tokenizer]:
+    """Everything generate.py and benchmark.py need from a converted checkpoint directory.
+
+    model_args and the tokenizer default to the copies convert_checkpoints.py wrote there;
+    max_seq_len and max_batch_size may be changed at load time (they size only the cache)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"--converted_ckpt_dir {ckpt_dir}: not found; create it with convert_checkpoints.py")
+    args_path = Path(model_args) if model_args else ckpt_dir / ARGS_FILE
+    args = ModelArgs.load(args_path)
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    if max_batch_size:
+        args.max_batch_size = max_batch_size
+    tokenizer = Tokenizer(Path(tokenizer_path) if tokenizer_path else ckpt_dir / TOKENIZER_FILE)
+    if tokenizer.n_words != args.vocab_size:
+        raise UserError(f"--tokenizer_path {tokenizer.path}: {tokenizer.n_words} tokens, but {args_path} says "
+                        f"vocab_size {args.vocab_size}; pass the tokenizer of this model")
+    check_dcp_matches(ckpt_dir, args, args_path)
+    return load_parallel_model(ckpt_dir, args, runtime, dtype), tokenizer

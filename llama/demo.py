@@ -1,0 +1,104 @@
+"""The built-in demo: a tiny Llama that has learned the Gettysburg Address.
+
+Built once under the cache directory, on the CPU, in well under a minute: rank 0 trains a
+sentencepiece tokenizer and a 4-layer model on the shipped text and saves them in Meta's
+format; then all ranks convert that through the same code path as real weights.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llama.args import ModelArgs
+from llama.checkpoint import MetaCheckpoint, convert
+from llama.distributed import Runtime, log
+from llama.meta_format import save_meta_checkpoint
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+
+TEXT_PATH = Path(__file__).parent / "data" / "gettysburg.txt"
+DEMO_PROMPTS = ["Four score and seven years ago", "The world will little note,"]
+DEMO_ARGS = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=512, max_batch_size=4)
+VOCAB_SIZE = 256
+TRAIN_STEPS = 300
+TRAIN_BATCH = 8
+TRAIN_WINDOW = 128
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TP_LLAMA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tp-llama"
+    return Path(root) / "demo"
+
+
+def train_tokenizer(text: str) -> bytes:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=model,
+                                   vocab_size=VOCAB_SIZE, model_type="bpe", character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return model.getvalue()
+
+
+def train_model(tokens: list[int], args: ModelArgs, steps: int = TRAIN_STEPS) -> dict[str, torch.Tensor]:
+    """Fit the model to the text until it can recite it from any starting phrase: each step
+    sees a batch of random windows, each opened with BOS as a prompt would be.
+    Returns Meta-named weights."""
+    torch.manual_seed(0)
+    model = Transformer(args)
+    for name, p in model.named_parameters():
+        if not name.endswith("norm.weight"):
+            torch.nn.init.normal_(p, std=0.02)
+    text = torch.tensor(tokens[1:])
+    bos = torch.full((TRAIN_BATCH, 1), tokens[0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    positions = torch.arange(TRAIN_WINDOW)
+    for step in range(steps):
+        # Every other step starts at the beginning, so the opening is learned with its true context.
+        starts = torch.randint(0, len(text) - TRAIN_WINDOW, (TRAIN_BATCH,)) * (step % 2)
+        windows = torch.cat([bos, torch.stack([text[s:s + TRAIN_WINDOW] for s in starts])], dim=1)
+        model.setup_caches(TRAIN_BATCH, TRAIN_WINDOW)  # fresh caches: autograd must not chain steps
+        logits = model(windows[:, :-1], positions, all_logits=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    log(f"demo model trained: final loss {loss.item():.3f}")
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def build_meta_checkpoint(meta_dir: Path) -> None:
+    """Train tokenizer and model, then write them in Meta's layout, atomically."""
+    staging = meta_dir.with_name(meta_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "tokenizer.model").write_bytes(train_tokenizer(TEXT_PATH.read_text()))
+    tokenizer = Tokenizer(staging / "tokenizer.model")
+    args = ModelArgs(**DEMO_ARGS, vocab_size=tokenizer.n_words)
+    tokens = tokenizer.encode(TEXT_PATH.read_text(), bos=True, eos=True)
+    save_meta_checkpoint(train_model(tokens, args), args, staging)
+    staging.rename(meta_dir)
+
+
+def ensure_demo_checkpoint(runtime: Runtime) -> Path:
+    """Return the demo's converted checkpoint, building it first if the cache lacks it."""
+    root = cache_dir()
+    meta_dir, dcp_dir = root / "meta", root / "dcp"
+    if not (dcp_dir / ".metadata").is_file():
+        if runtime.is_main and not (meta_dir / "params.json").is_file():
+            log(f"building the demo model in {root} (once; about a minute on a laptop CPU)")
+            build_meta_checkpoint(meta_dir)
+        dist.barrier()
+        ckpt = MetaCheckpoint(meta_dir, Tokenizer(meta_dir / "tokenizer.model"), max_seq_len=DEMO_ARGS["max_seq_len"],
+                              max_batch_size=DEMO_ARGS["max_batch_size"])
+        convert(ckpt, meta_dir / "tokenizer.model", dcp_dir, runtime, "float32", overwrite=True)
+    return dcp_dir

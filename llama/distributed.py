@@ -1,0 +1,86 @@
+"""Process-group setup, rank-0 logging and the error handling shared by the scripts.
+
+One code path for every target: CUDA + NCCL when GPUs are visible (one per local rank),
+otherwise CPU + gloo. Scripts run under torchrun or as a plain single process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from llama.errors import UserError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def log(*parts: object, **print_kwargs: object) -> None:
+    """Print on rank 0 only; every rank calls it so nothing is said twice."""
+    if _rank() == 0:
+        print(*parts, **print_kwargs, flush=True)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16
+
+
+def init_runtime() -> Runtime:
+    """Join (or form, when run without torchrun) the process group and build a 1-D mesh."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > torch.cuda.device_count():
+            raise UserError(
+                f"--nproc_per_node {local_world} exceeds the {torch.cuda.device_count()} visible GPU(s); "
+                f"use at most {torch.cuda.device_count()} processes per node"
+            )
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("tp",))
+    return Runtime(rank=dist.get_rank(), world_size=world_size, device=device, mesh=mesh)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main: bad input becomes one line on rank 0 and exit status 1 on
+    every rank (each rank validates the same inputs, so none is left waiting); Ctrl-C
+    exits quietly with 130."""
+    code = 0
+    try:
+        main()
+    except UserError as e:
+        log(f"error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)

@@ -1,0 +1,88 @@
+"""Batched autoregressive decoding with Meta's semantics.
+
+Prompts of different lengths share positions: the batch is prefilled up to the shortest
+prompt, then advanced one position at a time, taking the prompt's own token wherever a
+sequence is still inside its prompt. Every rank computes the same replicated logits and
+samples with an identically seeded generator, so all ranks pick the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama.errors import UserError
+from llama.model import Transformer
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids only, without the stop token
+    logprobs: list[float]  # log-probability of each generated token before temperature
+
+
+def check_prompts(prompt_tokens: list[list[int]], max_seq_len: int, max_batch_size: int) -> None:
+    if not prompt_tokens:
+        raise UserError("no prompt given; pass --prompt TEXT or --prompt_file FILE")
+    if len(prompt_tokens) > max_batch_size:
+        raise UserError(f"{len(prompt_tokens)} prompts exceed max_batch_size {max_batch_size}; pass fewer prompts "
+                        "or raise --max_batch_size")
+    for i, tokens in enumerate(prompt_tokens):
+        if len(tokens) >= max_seq_len:
+            raise UserError(f"prompt {i} has {len(tokens)} tokens, at least max_seq_len {max_seq_len}; shorten it "
+                            "or raise --max_seq_len")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Greedy at temperature 0, otherwise nucleus (top-p) sampling. logits: (batch, vocab)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, stop_ids: frozenset[int],
+             temperature: float = 0.6, top_p: float = 0.9, seed: int = 1) -> list[Completion]:
+    args = model.args
+    check_prompts(prompt_tokens, args.max_seq_len, args.max_batch_size)
+    device = model.output.weight.device
+    bsz = len(prompt_tokens)
+    min_len = min(len(t) for t in prompt_tokens)
+    max_len = max(len(t) for t in prompt_tokens)
+    total_len = min(args.max_seq_len, max_gen_len + max_len)
+    model.setup_caches(bsz, total_len)
+
+    tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=device)
+    for i, t in enumerate(prompt_tokens):
+        tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    in_prompt = tokens != -1
+    logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=device)
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    prev = 0
+    for cur in range(min_len, total_len):
+        logits = model(tokens[:, prev:cur], torch.arange(prev, cur, device=device))[:, -1]
+        next_token = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
+        tokens[:, cur] = next_token
+        logprobs[:, cur] = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
+        finished |= ~in_prompt[:, cur] & torch.isin(next_token, stops)
+        prev = cur
+        if finished.all():
+            break
+
+    completions = []
+    for i, prompt in enumerate(prompt_tokens):
+        end = min(len(prompt) + max_gen_len, total_len)
+        gen = tokens[i, len(prompt):end].tolist()
+        lps = logprobs[i, len(prompt):end].tolist()
+        cut = next((j for j, t in enumerate(gen) if t in stop_ids), len(gen))
+        completions.append(Completion(gen[:cut], lps[:cut]))
+    return completions
