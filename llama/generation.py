@@ -8,6 +8,7 @@ samples with an identically seeded generator, so all ranks pick the same tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,41 +49,50 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 @torch.inference_mode()
 def generate(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, stop_ids: frozenset[int],
-             temperature: float = 0.6, top_p: float = 0.9, seed: int = 1) -> list[Completion]:
+             temperature: float = 0.6, top_p: float = 0.9, seed: int = 1,
+             on_tokens: Callable[[list[int | None]], None] | None = None) -> list[Completion]:
+    """Complete each prompt with up to `max_gen_len` tokens, stopping early at a stop id.
+
+    on_tokens, if given, is called after every step with the token each sequence just
+    generated (None for a sequence still in its prompt or already finished): for streaming."""
     args = model.args
     check_prompts(prompt_tokens, args.max_seq_len, args.max_batch_size)
     device = model.output.weight.device
-    bsz = len(prompt_tokens)
-    min_len = min(len(t) for t in prompt_tokens)
-    max_len = max(len(t) for t in prompt_tokens)
-    total_len = min(args.max_seq_len, max_gen_len + max_len)
-    model.setup_caches(bsz, total_len)
+    lengths = [len(t) for t in prompt_tokens]
+    total_len = min(args.max_seq_len, max_gen_len + max(lengths))
+    model.setup_caches(len(prompt_tokens), total_len)
 
-    tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=device)
+    tokens = torch.full((len(prompt_tokens), total_len), -1, dtype=torch.long, device=device)
     for i, t in enumerate(prompt_tokens):
         tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
     in_prompt = tokens != -1
-    logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=device)
-    stops = torch.tensor(sorted(stop_ids), device=device)
-    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    completions = [Completion([], []) for _ in prompt_tokens]
+    done = [max_gen_len <= 0 or n >= total_len for n in lengths]
 
     prev = 0
-    for cur in range(min_len, total_len):
+    for cur in range(min(lengths), total_len):
         logits = model(tokens[:, prev:cur], torch.arange(prev, cur, device=device))[:, -1]
         next_token = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
         tokens[:, cur] = next_token
         logprobs[:, cur] = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
-        finished |= ~in_prompt[:, cur] & torch.isin(next_token, stops)
         prev = cur
-        if finished.all():
+        step = [None if done[i] or cur < n else t for i, (n, t) in enumerate(zip(lengths, next_token.tolist()))]
+        for i, t in enumerate(step):
+            if t is None:
+                continue
+            if t in stop_ids:
+                step[i], done[i] = None, True
+                continue
+            completions[i].tokens.append(t)
+            done[i] = len(completions[i].tokens) >= max_gen_len or cur + 1 >= total_len
+        if on_tokens:
+            on_tokens(step)
+        if all(done):
             break
 
-    completions = []
-    for i, prompt in enumerate(prompt_tokens):
-        end = min(len(prompt) + max_gen_len, total_len)
-        gen = tokens[i, len(prompt):end].tolist()
-        lps = logprobs[i, len(prompt):end].tolist()
-        cut = next((j for j, t in enumerate(gen) if t in stop_ids), len(gen))
-        completions.append(Completion(gen[:cut], lps[:cut]))
+    for i, completion in enumerate(completions):
+        start = lengths[i]
+        completion.logprobs = logprobs[i, start:start + len(completion.tokens)].tolist()
     return completions
