@@ -1,0 +1,55 @@
+"""Download Meta-format Llama weights from the Hugging Face Hub, verified and resumable.
+
+    python download.py --model_name meta-llama/Llama-2-7b
+    python download.py --model_name meta-llama/Llama-3.1-8B     # files under original/
+
+Prints the folder to pass to convert_checkpoints.py --original_ckpt_dir (on stdout; status on stderr).
+Gated repositories need access granted on the model page and a token: `hf auth login`, HF_TOKEN or --token.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from llama.errors import UserError
+from llama.hub import download
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", required=True, help="repository id, e.g. meta-llama/Llama-2-7b")
+    p.add_argument("--model_path", "-o", type=Path, default=Path("model"),
+                   help="Hugging Face cache folder to download into (default: model)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit hash (default: main)")
+    p.add_argument("--token", help="Hub access token (default: HF_TOKEN, else the token saved by `hf auth login`)")
+    p.add_argument("--include", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="also fetch files matching these patterns, e.g. '*.safetensors' (the Meta-format "
+                        "files, licences and checklists are always fetched)")
+    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="skip files matching these patterns")
+    p.add_argument("--max_workers", type=int, default=8, help="files downloaded in parallel (default: 8)")
+    p.add_argument("--force_download", action="store_true",
+                   help="download every file again, e.g. after a failed verification")
+    p.add_argument("--skip_verify", action="store_true", help="do not hash the files after the download")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.max_workers < 1:
+        raise UserError(f"--max_workers {args.max_workers}: use at least 1")
+    folder = download(args.model_name, args.model_path, revision=args.revision, token=args.token,
+                      include=args.include, exclude=args.exclude, max_workers=args.max_workers,
+                      force_download=args.force_download, verify=not args.skip_verify)
+    print(f"next: convert_checkpoints.py --original_ckpt_dir {folder}", file=sys.stderr)
+    print(folder)
+
+
+if __name__ == "__main__":
+    # The shape of llama.distributed.run_cli, without importing torch for a download.
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
