@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from llama.errors import UserError
-from llama.hub import download
+from llama.hub import download, say
 
 
 def parse_args() -> argparse.Namespace:
@@ -23,8 +23,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--revision", default="main", help="branch, tag or commit hash (default: main)")
     p.add_argument("--token", help="Hub access token (default: HF_TOKEN, else the token saved by `hf auth login`)")
     p.add_argument("--include", nargs="+", action="extend", default=[], metavar="PATTERN",
-                   help="also fetch files matching these patterns, e.g. '*.safetensors' (the Meta-format "
-                        "files, licences and checklists are always fetched)")
+                   help="fetch files matching these patterns too, e.g. '*.safetensors' (besides the "
+                        "Meta-format files, licences and checklists)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="skip files matching these patterns")
     p.add_argument("--max_workers", type=int, default=8, help="files downloaded in parallel (default: 8)")
@@ -41,7 +41,8 @@ def main() -> None:
     folder = download(args.model_name, args.model_path, revision=args.revision, token=args.token,
                       include=args.include, exclude=args.exclude, max_workers=args.max_workers,
                       force_download=args.force_download, verify=not args.skip_verify)
-    print(f"next: convert_checkpoints.py --original_ckpt_dir {folder}", file=sys.stderr)
+    say(f"next: torchrun --nproc_per_node N convert_checkpoints.py --original_ckpt_dir {folder} "
+        "--save_checkpoint_dir converted_checkpoints")
     print(folder)
 
 

@@ -66,7 +66,7 @@ def download(repo_id: str, cache_dir: Path, *, revision: str = "main", token: st
     (resuming what an earlier run left, or offline from the cache) and return the folder that
     holds params.json. `token=None` means HF_TOKEN or the token saved by `hf auth login`."""
     _ensure_writable(cache_dir)
-    patterns = [*DEFAULT_PATTERNS, *include]
+    patterns, ignored = [*DEFAULT_PATTERNS, *include], list(exclude) or None
     api = HfApi(token=token)
     try:
         # Pin the commit once so the file list, the checksums and the download all describe the
@@ -74,17 +74,18 @@ def download(repo_id: str, cache_dir: Path, *, revision: str = "main", token: st
         pinned = api.resolve_revision(repo_id, revision=revision, cache_dir=cache_dir)
         hub_files = _hub_files(api, repo_id, pinned.resolved)
         if hub_files is None:
-            say(f"the Hub is not reachable: using the copy of {repo_id} cached in {cache_dir}")
+            reason = "offline mode (HF_HUB_OFFLINE=1)" if is_offline_mode() else "the Hub is not reachable"
+            say(f"{reason}: using the copy of {repo_id} cached in {cache_dir}")
         else:
             wanted = [hub_files[name] for name in filter_repo_objects(
-                hub_files, allow_patterns=patterns, ignore_patterns=exclude or None)]
-            missing = [f for f in wanted if force_download or not _is_cached(repo_id, f.rfilename, cache_dir, pinned)]
+                hub_files, allow_patterns=patterns, ignore_patterns=ignored)]
+            missing = [f for f in wanted if force_download or not _is_cached(repo_id, f.rfilename, cache_dir, pinned.resolved)]
             needed = sum(f.size or 0 for f in missing)
             say(f"{repo_id} at {revision} (commit {pinned.resolved[:10]}): {len(wanted)} files, "
                 f"{len(missing)} to download ({_gigabytes(needed)}) into {cache_dir}")
             _check_disk_space(needed, cache_dir)
         snapshot = Path(snapshot_download(repo_id, revision=pinned, cache_dir=cache_dir, token=token,
-                                          allow_patterns=patterns, ignore_patterns=list(exclude) or None,
+                                          allow_patterns=patterns, ignore_patterns=ignored,
                                           max_workers=max_workers, force_download=force_download))
     except (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RevisionResolutionError,
             httpx2.TransportError, OSError) as error:
@@ -215,7 +216,7 @@ def read_checklist(path: Path) -> dict[Path, Checksum]:
         if not line.strip():
             continue
         match = _MD5_LINE.fullmatch(line.strip())
-        if match is None:
+        if match is None or Path(match[2]).is_absolute() or ".." in Path(match[2]).parts:
             raise UserError(f"{path.name} in {path.parent} is not a list of md5 sums (line {number}: "
                             f"{line.strip()[:40]!r}); run again with --force_download, or --skip_verify to trust the files")
         file = path.parent / match[2]
