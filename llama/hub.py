@@ -79,7 +79,8 @@ def download(repo_id: str, cache_dir: Path, *, revision: str = "main", token: st
         else:
             wanted = [hub_files[name] for name in filter_repo_objects(
                 hub_files, allow_patterns=patterns, ignore_patterns=ignored)]
-            missing = [f for f in wanted if force_download or not _is_cached(repo_id, f.rfilename, cache_dir, pinned.resolved)]
+            missing = [f for f in wanted
+                       if force_download or not _is_cached(repo_id, f.rfilename, cache_dir, pinned.resolved)]
             needed = sum(f.size or 0 for f in missing)
             say(f"{repo_id} at {revision} (commit {pinned.resolved[:10]}): {len(wanted)} files, "
                 f"{len(missing)} to download ({_gigabytes(needed)}) into {cache_dir}")
@@ -218,7 +219,8 @@ def read_checklist(path: Path) -> dict[Path, Checksum]:
         match = _MD5_LINE.fullmatch(line.strip())
         if match is None or Path(match[2]).is_absolute() or ".." in Path(match[2]).parts:
             raise UserError(f"{path.name} in {path.parent} is not a list of md5 sums (line {number}: "
-                            f"{line.strip()[:40]!r}); run again with --force_download, or --skip_verify to trust the files")
+                            f"{line.strip()[:40]!r}); run again with --force_download, "
+                            f"or --skip_verify to trust the files")
         file = path.parent / match[2]
         if not file.is_file():
             raise UserError(f"{path.name} lists {match[2]} but it was not downloaded; drop the --exclude pattern "

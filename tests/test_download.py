@@ -298,3 +298,10 @@ def test_unwritable_model_path(hub, tmp_path):
     result = download(hub, tmp_path, "--model_name", "meta-llama/Llama-2-7b", "-o", str(tmp_path / "a_file" / "model"))
     assert_fails_with(result, f"--model_path {tmp_path / 'a_file' / 'model'}: cannot write there (Not a directory); "
                               "choose a folder you can write to")
+
+
+def test_excluding_a_file_the_checklist_lists_is_reported(hub, tmp_path):
+    result = download(hub, tmp_path, "--model_name", "meta-llama/Llama-2-7b", "--exclude", "consolidated.01.pth")
+    assert_fails_with(result, "checklist.chk lists consolidated.01.pth but it was not downloaded; drop the --exclude "
+                              "pattern that skips it, or pass --skip_verify")
+    assert "consolidated.01.pth" not in hub.downloads()
