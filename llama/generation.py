@@ -8,6 +8,7 @@ samples with an identically seeded generator, so all ranks pick the same tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,14 +48,28 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return order.gather(-1, choice).squeeze(-1)
 
 
+def _forward(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    return model(tokens, input_pos)
+
+
+@functools.cache
+def compiled_forward(device_type: str) -> Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """torch.compile of the one-token decode step. Its shapes are fixed ((batch, 1) tokens
+    against a static cache), so it compiles once per model, batch size and cache length and
+    is reused across generate() calls. CUDA graphs on GPU; inductor's C++ kernels on CPU."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    return torch.compile(_forward, mode=mode, fullgraph=True, dynamic=False)
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, stop_ids: frozenset[int],
              temperature: float = 0.6, top_p: float = 0.9, seed: int = 1,
-             on_tokens: Callable[[list[int | None]], None] | None = None) -> list[Completion]:
+             on_tokens: Callable[[list[int | None]], None] | None = None, compile: bool = False) -> list[Completion]:
     """Complete each prompt with up to `max_gen_len` tokens, stopping early at a stop id.
 
     on_tokens, if given, is called after every step with the token each sequence just
-    generated (None for a sequence still in its prompt or already finished): for streaming."""
+    generated (None for a sequence still in its prompt or already finished): for streaming.
+    compile runs the one-token steps through torch.compile (the prefill stays eager)."""
     args = model.args
     check_prompts(prompt_tokens, args.max_seq_len, args.max_batch_size)
     device = model.output.weight.device
@@ -71,9 +86,11 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: in
     completions = [Completion([], []) for _ in prompt_tokens]
     done = [max_gen_len <= 0 or n >= total_len for n in lengths]
 
+    decode_step = functools.partial(compiled_forward(device.type), model) if compile else model
     prev = 0
     for cur in range(min(lengths), total_len):
-        logits = model(tokens[:, prev:cur], torch.arange(prev, cur, device=device))[:, -1]
+        forward = decode_step if cur - prev == 1 else model
+        logits = forward(tokens[:, prev:cur], torch.arange(prev, cur, device=device))[:, -1]
         next_token = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
         tokens[:, cur] = next_token
         logprobs[:, cur] = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1)

@@ -1,0 +1,167 @@
+"""Measure tensor-parallel inference: prefill, decode throughput and latency, memory, and how
+close decode runs to the memory-bandwidth limit, optionally beside transformers' generate().
+
+    torchrun --nproc_per_node K benchmark.py --converted_ckpt_dir OUT [--tokenizer_path T]
+    torchrun --nproc_per_node 2 benchmark.py --random_weights llama3.2-1b --dtype bfloat16,float16 \\
+        --batch_size 1,4 --prompt_len 128 --gen_len 128 --baseline hf --output_json bench.json
+
+The TP degree is the world size. Sweeps take comma-separated values; every combination of
+dtype, batch size, prompt length and generation length is one configuration.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llama import benchmarking as bench
+from llama.args import ModelArgs
+from llama.checkpoint import DTYPES, load_converted
+from llama.distributed import Runtime, default_dtype, init_runtime, log, run_cli
+from llama.errors import UserError
+from llama.model import Transformer
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--converted_ckpt_dir", type=Path, help="output of convert_checkpoints.py")
+    p.add_argument("--random_weights", metavar="SHAPE",
+                   help=f"benchmark random weights of a release's exact shape, no checkpoint: {', '.join(bench.SHAPES)}")
+    p.add_argument("--tokenizer_path", type=Path, help="default: the tokenizer.model stored with the checkpoint")
+    p.add_argument("--model_args", type=Path, help="default: model_args.json in --converted_ckpt_dir")
+    p.add_argument("--batch_size", default="1", help="comma-separated sweep, e.g. 1,4,8 (default 1)")
+    p.add_argument("--prompt_len", default="128", help="comma-separated sweep of prompt tokens (default 128)")
+    p.add_argument("--gen_len", default="128", help="comma-separated sweep of generated tokens (default 128)")
+    p.add_argument("--dtype", help=f"comma-separated sweep of {', '.join(DTYPES)} (default: the project's default "
+                                   "for the device)")
+    p.add_argument("--trials", type=int, default=3, help="timed runs per configuration (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--baseline", choices=["hf"], help="also run transformers' LlamaForCausalLM.generate on the "
+                                                      "same weights, device, dtype and threads")
+    p.add_argument("--max_seq_len", type=int, help="override model_args.json (random weights: the release's)")
+    p.add_argument("--max_batch_size", type=int, help="override model_args.json (random weights: the largest batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and weights")
+    p.add_argument("--output_json", type=Path, help="write every figure and the configuration here")
+    p.add_argument("--csv", type=Path, nargs="?", const=Path("llama_benchmarks.csv"),
+                   help="append one row per configuration (default file: llama_benchmarks.csv)")
+    p.add_argument("--plot", type=Path, help="PNG of decode tokens/s and latency against batch size (matplotlib)")
+    return p.parse_args()
+
+
+def int_list(flag: str, text: str, minimum: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{flag} {text}: expected comma-separated integers, e.g. 1,4,8") from None
+    if any(v < minimum for v in values):
+        raise UserError(f"--{flag} {text}: every value must be at least {minimum}")
+    return sorted(set(values))
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything that can be rejected before any model is built."""
+    if bool(args.converted_ckpt_dir) == bool(args.random_weights):
+        raise UserError("pass exactly one of --converted_ckpt_dir DIR or --random_weights SHAPE")
+    if args.random_weights and args.random_weights not in bench.SHAPES:
+        raise UserError(f"--random_weights {args.random_weights}: unknown shape; choose one of "
+                        f"{', '.join(bench.SHAPES)}")
+    if args.trials < 1 or args.warmup < 0:
+        raise UserError("--trials must be at least 1 and --warmup at least 0")
+    if args.baseline == "hf" and importlib.util.find_spec("transformers") is None:
+        raise UserError("--baseline hf needs transformers: pip install transformers, or drop the flag")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib, or drop the flag")
+
+
+def dtypes(args: argparse.Namespace, runtime: Runtime) -> list[str]:
+    if not args.dtype:
+        return [next(name for name, dt in DTYPES.items() if dt == default_dtype(runtime.device))]
+    names = args.dtype.split(",")
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise UserError(f"--dtype {args.dtype}: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    return list(dict.fromkeys(names))
+
+
+def check_sweep(configs: list[bench.Config], model_args: ModelArgs) -> None:
+    longest = max(c.prompt_len + c.gen_len for c in configs)
+    if longest > model_args.max_seq_len:
+        raise UserError(f"--prompt_len + --gen_len reaches {longest} tokens, above max_seq_len "
+                        f"{model_args.max_seq_len}; shorten the sweep or raise --max_seq_len")
+    largest = max(c.batch_size for c in configs)
+    if largest > model_args.max_batch_size:
+        raise UserError(f"--batch_size {largest} exceeds max_batch_size {model_args.max_batch_size}; "
+                        "shrink the sweep or raise --max_batch_size")
+
+
+def build_model(args: argparse.Namespace, runtime: Runtime, dtype_name: str, configs: list[bench.Config]
+                ) -> Transformer:
+    dtype = DTYPES[dtype_name]
+    if args.random_weights:
+        largest_batch = max(c.batch_size for c in configs)
+        model_args = bench.random_model_args(args.random_weights, args.max_seq_len,
+                                             args.max_batch_size or largest_batch, dtype_name)
+        check_sweep(configs, model_args)
+        return bench.build_random_model(model_args, runtime, dtype, args.seed)
+    model, _ = load_converted(args.converted_ckpt_dir, runtime, dtype, args.model_args, args.tokenizer_path,
+                              args.max_seq_len, args.max_batch_size)
+    check_sweep(configs, model.args)
+    return model
+
+
+def main() -> None:
+    args = parse_args()
+    check_inputs(args)
+    runtime = init_runtime()
+    configs = [bench.Config(b, p, g) for b, p, g in itertools.product(
+        int_list("batch_size", args.batch_size, 1), int_list("prompt_len", args.prompt_len, 1),
+        int_list("gen_len", args.gen_len, 2))]
+    dtype_names = dtypes(args, runtime)
+    if args.compile:  # one compiled decode step per model and configuration must stay cached
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   len(configs) * len(dtype_names) + 1)
+    threads = torch.get_num_threads()
+    log(f"{args.random_weights or args.converted_ckpt_dir}: TP={runtime.world_size} on "
+        f"{bench.device_name(runtime.device)}, {threads} thread(s) per rank, torch {torch.__version__}, "
+        f"compile {'on' if args.compile else 'off'}")
+
+    results, ceilings, memory = [], {}, bench.PeakMemory(runtime.device)
+    for dtype_name in dtype_names:
+        dtype = DTYPES[dtype_name]
+        model = build_model(args, runtime, dtype_name, configs)
+        model_args = dataclasses.asdict(model.args)
+        ceilings[dtype_name] = bench.measure_bandwidth_ceiling(model.args, runtime.world_size, dtype, runtime.device)
+        log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s "
+            f"(read {ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
+        hf_model = bench.build_hf_model(model, runtime) if args.baseline else None
+        for config in configs:
+            memory.reset()
+            measured = bench.run_config(model, config, args.warmup, args.trials, args.compile, bool(args.baseline),
+                                        hf_model, threads * runtime.world_size, args.seed)
+            result = bench.summarize(measured, model, dtype_name, ceilings[dtype_name], memory)
+            results.append(result)
+            log(f"  batch {config.batch_size} prompt {config.prompt_len} gen {config.gen_len}: decode "
+                f"{result['decode_tokens_per_s_batch']['median']:.2f} tok/s, prefill "
+                f"{result['prefill_tokens_per_s']['median']:.1f} tok/s")
+        del model, hf_model
+
+    log(bench.format_table(results))
+    report = {"config": {
+        "model": args.random_weights or str(args.converted_ckpt_dir), "random_weights": bool(args.random_weights),
+        "model_args": model_args, "device": runtime.device.type,
+        "device_name": bench.device_name(runtime.device), "world_size": runtime.world_size,
+        "threads_per_rank": threads, "torch_version": torch.__version__, "compile": args.compile,
+        "baseline": args.baseline, "trials": args.trials, "warmup": args.warmup,
+    }, "bandwidth_ceiling": ceilings, "results": results}
+    if runtime.is_main:
+        bench.write_outputs(report, args.output_json, args.csv, args.plot)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    run_cli(main)

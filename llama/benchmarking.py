@@ -1,0 +1,562 @@
+"""What benchmark.py measures, and how: timings of generate(), their statistics, the decode
+roofline and the bandwidth ceiling it is compared with, random-weight models of Meta's
+shapes, the transformers baseline, and the table/JSON/CSV/plot outputs.
+
+Every figure is measured on every rank at once; a time is the slowest rank's, a byte
+count the sum over ranks, so a TP=k run is reported as one machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from llama.args import ModelArgs
+from llama.distributed import Runtime, log
+from llama.errors import UserError
+from llama.generation import generate
+from llama.model import Transformer
+from llama.parallel import parallelize
+
+# Exact hyper-parameters of Meta's params.json for each release (Llama 2 leaves vocab_size
+# to its 32000-token tokenizer). max_seq_len is the release's context length.
+SHAPES: dict[str, dict[str, object]] = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5,
+                      max_seq_len=4096),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-5,
+                       max_seq_len=4096),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+                       ffn_dim_multiplier=1.3, norm_eps=1e-5, max_seq_len=4096),
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                      ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+    "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                       ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+                        max_seq_len=131072),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+                        max_seq_len=131072),
+}
+
+# The bandwidth ceiling streams a model-sized set of weights, capped to bound the extra
+# memory, and never smaller than this (far beyond any last-level cache).
+CEILING_MIN_BYTES = 256 * 2**20
+CEILING_MAX_BYTES = 1 * 2**30
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics
+    (numpy's default), so p50 of an even-sized sample is the mean of the middle two."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max of one figure over the trials."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+@dataclass
+class Trial:
+    """One timed generate(): seconds to the first token, then the seconds of each further step."""
+
+    ttft_s: float
+    step_s: list[float]
+
+
+def trial_metrics(trials: Sequence[Trial], batch_size: int, prompt_len: int) -> dict[str, object]:
+    """Throughput and latency figures of one configuration from its timed trials.
+
+    Prefill covers the prompt and the first token (what a user waits for); decode covers the
+    remaining steps, one token per sequence each. Latency percentiles pool every decode step
+    of every trial."""
+    prefill = [batch_size * prompt_len / t.ttft_s for t in trials]
+    per_seq = [len(t.step_s) / sum(t.step_s) for t in trials]
+    steps = [s for t in trials for s in t.step_s]
+    return {
+        "ttft_ms": spread([1e3 * t.ttft_s for t in trials]),
+        "prefill_tokens_per_s": spread(prefill),
+        "decode_tokens_per_s_per_seq": spread(per_seq),
+        "decode_tokens_per_s_batch": spread([batch_size * r for r in per_seq]),
+        "decode_latency_ms": {f"p{q}": 1e3 * percentile(steps, q) for q in (50, 90, 99)},
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Roofline
+
+
+def decode_bytes_per_step(args: ModelArgs, tp: int, batch_size: int, cache_len: int, element_size: int) -> int:
+    """Bytes one decode step must read on one rank: every local weight except the embedding
+    table (of which it reads one row per sequence) plus the whole static KV cache, which
+    attention reads in full under its mask."""
+    weights = sum(math.prod(shape) for name, shape in args.weight_shapes().items()
+                  if name != "tok_embeddings.weight" and len(shape) == 2) // tp
+    norms = sum(shape[0] for shape in args.weight_shapes().values() if len(shape) == 1)
+    embedding_rows = batch_size * args.dim // tp
+    return element_size * (weights + norms + embedding_rows) + kv_cache_bytes(args, tp, batch_size, cache_len,
+                                                                             element_size)
+
+
+def kv_cache_bytes(args: ModelArgs, tp: int, batch_size: int, cache_len: int, element_size: int) -> int:
+    """Keys and values of every layer on one rank."""
+    return 2 * args.n_layers * batch_size * (args.n_kv_heads // tp) * cache_len * args.head_dim * element_size
+
+
+def roofline(bytes_per_step: int, step_s: float, ceiling_bytes_per_s: float) -> dict[str, float]:
+    """Achieved bandwidth of a decode step and its fraction of the measured ceiling."""
+    achieved = bytes_per_step / step_s
+    return {"achieved_gb_per_s": achieved / 1e9, "ceiling_gb_per_s": ceiling_bytes_per_s / 1e9,
+            "fraction_of_ceiling": achieved / ceiling_bytes_per_s}
+
+
+def _slowest(seconds: float) -> float:
+    """The largest of every rank's `seconds`: the time the whole TP group took."""
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _time_on_all_ranks(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call of `fn` run simultaneously on every rank (the slowest rank counts)."""
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        dist.barrier()
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(_slowest(time.perf_counter() - start))
+    return times[1:]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth_ceiling(args: ModelArgs, tp: int, dtype: torch.dtype, device: torch.device,
+                              repeats: int = 5) -> dict[str, float]:
+    """The fastest rate, in bytes/s summed over ranks, at which this device reads memory in
+    `dtype`: the better of a large reduction and a stream of matrix-vector products shaped
+    like the model's (batch 1, as in decode) over a model-sized set of weights, per rank."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    rows, cols = args.ffn_hidden_dim // tp, args.dim
+    budget = decode_bytes_per_step(args, tp, 1, 0, element_size)
+    budget = min(max(budget, CEILING_MIN_BYTES), CEILING_MAX_BYTES)
+    n_matrices = max(1, budget // (rows * cols * element_size))
+    weights = [torch.randn(rows, cols, device=device).to(dtype) for _ in range(n_matrices)]
+    x = torch.randn(1, 1, cols, device=device).to(dtype)
+    flat = torch.cat([w.flatten() for w in weights])
+    nbytes = flat.numel() * element_size * dist.get_world_size()
+
+    read = min(_time_on_all_ranks(flat.sum, device, repeats))
+    matvec = min(_time_on_all_ranks(lambda: [torch.nn.functional.linear(x, w) for w in weights], device, repeats))
+    return {"read_gb_per_s": nbytes / read / 1e9, "matvec_gb_per_s": nbytes / matvec / 1e9,
+            "ceiling_gb_per_s": nbytes / min(read, matvec) / 1e9, "bytes_streamed": nbytes}
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+def random_model_args(shape: str, max_seq_len: int | None, max_batch_size: int, dtype: str) -> ModelArgs:
+    if shape not in SHAPES:
+        raise UserError(f"--random_weights {shape}: unknown shape; choose one of {', '.join(SHAPES)}")
+    params = dict(SHAPES[shape], max_batch_size=max_batch_size, dtype=dtype)
+    if max_seq_len:
+        params["max_seq_len"] = max_seq_len
+    return ModelArgs(**params)
+
+
+@torch.no_grad()
+def build_random_model(args: ModelArgs, runtime: Runtime, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """A model of `args`' shape with random weights, built directly sharded: on the meta
+    device, parallelized, then only each rank's local shard is allocated and filled."""
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    parallelize(model, runtime.mesh)
+    model.to_empty(device=runtime.device)
+    generator = torch.Generator(device=runtime.device).manual_seed(seed + runtime.rank)
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if name.endswith("norm.weight"):
+            local.fill_(1.0)
+        else:  # the scale of a trained model's weights keeps fp16 activations in range
+            local.uniform_(-0.02, 0.02, generator=generator)
+    return model.eval().requires_grad_(False)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights this rank holds."""
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class PeakMemory:
+    """Peak memory of this process: CUDA's max allocated/reserved since the last reset, or
+    on CPU the peak resident set size, which the OS keeps for the whole process lifetime."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict[str, int]:
+        if self.device.type == "cuda":
+            return {"max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
+        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def gather_per_rank(value: dict[str, int]) -> list[dict[str, int]]:
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+# ---------------------------------------------------------------------------------------
+# Running one configuration
+
+
+@dataclass
+class Config:
+    batch_size: int
+    prompt_len: int
+    gen_len: int
+
+
+def random_prompts(config: Config, vocab_size: int, seed: int) -> list[list[int]]:
+    """Token ids drawn uniformly (identically on every rank): speed does not depend on them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (config.batch_size, config.prompt_len), generator=g).tolist()
+
+
+def time_generate(model: Transformer, prompts: list[list[int]], gen_len: int, compile: bool) -> Trial:
+    """One greedy generate() of exactly gen_len tokens, timed through its streaming hook
+    (called right after each step's single host sync)."""
+    stamps: list[float] = []
+    dist.barrier()
+    start = time.perf_counter()
+    generate(model, prompts, gen_len, stop_ids=frozenset(), temperature=0.0,
+             on_tokens=lambda _: stamps.append(time.perf_counter()), compile=compile)
+    ttft = _slowest(stamps[0] - start)
+    steps = [_slowest(b - a) for a, b in zip(stamps, stamps[1:])]
+    return Trial(ttft, steps)
+
+
+def time_hf_generate(hf_model: torch.nn.Module, prompts: list[list[int]], gen_len: int) -> Trial:
+    """The same greedy generation through transformers' generate(), timed per token by a streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    device = hf_model.device
+    input_ids = torch.tensor(prompts, device=device)
+    stamps = Stamps()
+    start = time.perf_counter()
+    hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=gen_len,
+                      min_new_tokens=gen_len, do_sample=False, streamer=stamps, pad_token_id=0,
+                      eos_token_id=None)
+    times = stamps.times[1:]  # the first put() is the prompt itself
+    return Trial(times[0] - start, [b - a for a, b in zip(times, times[1:])])
+
+
+@dataclass
+class Measurement:
+    config: Config
+    trials: list[Trial] = field(default_factory=list)
+    baseline_trials: list[Trial] = field(default_factory=list)
+
+
+def run_config(model: Transformer, config: Config, warmup: int, trials: int, compile: bool, baseline: bool,
+               hf_model: torch.nn.Module | None, hf_threads: int, seed: int) -> Measurement:
+    """Warm-up runs (not counted), then timed trials of ours and, with `baseline`, of
+    transformers' (which runs on rank 0, holding `hf_model`)."""
+    prompts = random_prompts(config, model.args.vocab_size, seed)
+    result = Measurement(config)
+    for i in range(warmup + trials):
+        trial = time_generate(model, prompts, config.gen_len, compile)
+        if i >= warmup:
+            result.trials.append(trial)
+    if baseline:
+        result.baseline_trials = _run_baseline(hf_model, prompts, config.gen_len, warmup, trials, hf_threads)
+    return result
+
+
+def _run_baseline(hf_model: torch.nn.Module | None, prompts: list[list[int]], gen_len: int, warmup: int,
+                  trials: int, threads: int) -> list[Trial]:
+    """The baseline runs on rank 0 alone with the threads of the whole TP group; the other
+    ranks wait at a barrier."""
+    timed: list[Trial] = []
+    if hf_model is not None:
+        own_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for i in range(warmup + trials):
+                trial = time_hf_generate(hf_model, prompts, gen_len)
+                if i >= warmup:
+                    timed.append(trial)
+        finally:
+            torch.set_num_threads(own_threads)
+    dist.barrier()
+    return timed
+
+
+def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: dict[str, float],
+              memory: PeakMemory) -> dict[str, object]:
+    """Every figure of one configuration (collective: all ranks call it)."""
+    config, tp = measured.config, dist.get_world_size()
+    element_size = model.output.weight.element_size()
+    cache_len = min(model.args.max_seq_len, config.prompt_len + config.gen_len)
+    bytes_per_step = tp * decode_bytes_per_step(model.args, tp, config.batch_size, cache_len, element_size)
+    ours = trial_metrics(measured.trials, config.batch_size, config.prompt_len)
+    step_s = 1 / ours["decode_tokens_per_s_per_seq"]["median"]
+    peaks = gather_per_rank(memory.read())
+    result = {
+        "dtype": dtype, "batch_size": config.batch_size, "prompt_len": config.prompt_len, "gen_len": config.gen_len,
+        **ours,
+        "bytes_per_decode_step": bytes_per_step,
+        "roofline": roofline(bytes_per_step, step_s, ceiling["ceiling_gb_per_s"] * 1e9),
+        "weight_bytes_per_rank": weight_bytes(model),
+        "kv_cache_bytes_per_rank": kv_cache_bytes(model.args, tp, config.batch_size, cache_len, element_size),
+        "peak_memory_per_rank": peaks,
+        # The largest rank's peak: CUDA max allocated, or peak RSS on CPU.
+        "peak_memory_bytes": max(next(iter(p.values())) for p in peaks),
+    }
+    baseline = _broadcast(measured.baseline_trials)
+    if baseline:
+        theirs = trial_metrics(baseline, config.batch_size, config.prompt_len)
+        result["baseline"] = {"impl": "transformers LlamaForCausalLM.generate", **theirs}
+        result["baseline_ratio"] = {  # ours / transformers', medians of the same run
+            "decode_tokens_per_s": ours["decode_tokens_per_s_per_seq"]["median"]
+            / theirs["decode_tokens_per_s_per_seq"]["median"],
+            "prefill_tokens_per_s": ours["prefill_tokens_per_s"]["median"] / theirs["prefill_tokens_per_s"]["median"],
+        }
+    return result
+
+
+def _broadcast(trials: list[Trial]) -> list[Trial]:
+    """Rank 0's trials on every rank (the baseline runs on rank 0 only)."""
+    box = [trials]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The transformers baseline
+
+
+def hf_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates adjacent pairs, transformers rotates the two halves of each head: reorder
+    the rows of wq/wk so both compute the same attention."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+HF_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def hf_state_dict(meta_state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Meta-named full weights -> transformers' LlamaForCausalLM names and layout."""
+    out = {"model.embed_tokens.weight": meta_state["tok_embeddings.weight"],
+           "model.norm.weight": meta_state["norm.weight"], "lm_head.weight": meta_state["output.weight"]}
+    for i in range(args.n_layers):
+        for ours, theirs in HF_NAMES.items():
+            w = meta_state[f"layers.{i}.{ours}.weight"]
+            if ours == "attention.wq":
+                w = _permute_for_hf(w, args.n_heads)
+            elif ours == "attention.wk":
+                w = _permute_for_hf(w, args.n_kv_heads)
+            out[f"model.layers.{i}.{theirs}.weight"] = w
+    return out
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> object:
+    from transformers import LlamaConfig
+
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope |= {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": 1.0,
+                 "high_freq_factor": args.rope_high_freq_factor, "original_max_position_embeddings": 8192}
+    return LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+                       num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                       num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
+                       rms_norm_eps=args.norm_eps, rope_parameters=rope, tie_word_embeddings=False,
+                       head_dim=args.head_dim, dtype=dtype)
+
+
+def build_hf_model(model: Transformer, runtime: Runtime) -> torch.nn.Module | None:
+    """transformers' LlamaForCausalLM holding our model's weights, on rank 0 (None elsewhere).
+    Every rank takes part in gathering the full weights; rank 0 keeps them."""
+    from transformers import LlamaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    full = {name: _full(t) for name, t in model.state_dict().items()}
+    if not runtime.is_main:
+        return None
+    dtype = model.output.weight.dtype
+    with no_init_weights(), torch.device("meta"):
+        hf = LlamaForCausalLM(hf_config(model.args, dtype))
+    hf.load_state_dict(hf_state_dict(full, model.args), strict=True, assign=True)
+    # The rotary table is a non-persistent buffer, left on meta: rebuild it.
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
+    return hf.to(runtime.device).eval()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def result_row(result: dict[str, object]) -> dict[str, object]:
+    """The flat CSV row of one configuration's result (medians for spreads)."""
+    row: dict[str, object] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                if not isinstance(v, (dict, list)):
+                    row[f"{key}.{sub}"] = v
+        elif not isinstance(value, list):
+            row[key] = value
+    return row
+
+
+def append_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    """Append rows, writing the header when the file is new; the columns of an existing file win."""
+    new = not path.exists() or path.stat().st_size == 0
+    if new:
+        columns = list(rows[0])
+    else:
+        with path.open(newline="") as f:
+            columns = next(csv.reader(f))
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(results: list[dict[str, object]]) -> str:
+    """The human-readable summary: medians, and the baseline beside ours with the ratio."""
+    header = ("dtype", "impl", "batch", "prompt", "gen", "prefill tok/s", "TTFT ms", "decode tok/s/seq",
+              "decode tok/s", "p50 ms", "p90 ms", "p99 ms", "GB/s", "% ceiling", "vs hf")
+    lines = [header]
+    for r in results:
+        for impl, figures in (("ours", r), ("hf", r.get("baseline"))):
+            if not figures:
+                continue
+            lat = figures["decode_latency_ms"]
+            ratio = r["baseline_ratio"]["decode_tokens_per_s"] if impl == "ours" and r.get("baseline") else None
+            lines.append((
+                r["dtype"], impl, str(r["batch_size"]), str(r["prompt_len"]), str(r["gen_len"]),
+                f"{figures['prefill_tokens_per_s']['median']:.1f}", f"{figures['ttft_ms']['median']:.1f}",
+                f"{figures['decode_tokens_per_s_per_seq']['median']:.2f}",
+                f"{figures['decode_tokens_per_s_batch']['median']:.2f}",
+                f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}",
+                f"{figures['roofline']['achieved_gb_per_s']:.1f}" if impl == "ours" else "",
+                f"{100 * figures['roofline']['fraction_of_ceiling']:.0f}%" if impl == "ours" else "",
+                f"{ratio:.2f}x" if ratio else "",
+            ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def write_plot(path: Path, results: list[dict[str, object]]) -> None:
+    """Decode tokens/s and p50 step latency against batch size, one line per dtype and lengths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tput, lat) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[tuple[str, str, int, int], list[dict[str, object]]] = {}
+    for r in results:
+        series.setdefault((r["dtype"], "ours", r["prompt_len"], r["gen_len"]), []).append(r)
+        if r.get("baseline"):
+            series.setdefault((r["dtype"], "hf", r["prompt_len"], r["gen_len"]), []).append(
+                r["baseline"] | {"batch_size": r["batch_size"]})
+    for (dtype, impl, prompt_len, gen_len), points in series.items():
+        points = sorted(points, key=lambda p: p["batch_size"])
+        label = f"{impl} {dtype} prompt {prompt_len} gen {gen_len}"
+        batches = [p["batch_size"] for p in points]
+        tput.plot(batches, [p["decode_tokens_per_s_batch"]["median"] for p in points], marker="o", label=label)
+        lat.plot(batches, [p["decode_latency_ms"]["p50"] for p in points], marker="o", label=label)
+    tput.set(xlabel="batch size", ylabel="decode tokens/s (batch)", title="Decode throughput")
+    lat.set(xlabel="batch size", ylabel="decode step p50 (ms)", title="Decode latency")
+    tput.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(report: dict[str, object], json_path: Path | None, csv_path: Path | None,
+                  plot_path: Path | None) -> None:
+    """The files asked for; the CSV rows repeat the run's configuration beside each result."""
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {json_path}")
+    if csv_path:
+        run = {k: v for k, v in report["config"].items() if not isinstance(v, dict)}
+        append_csv(csv_path, [run | result_row(r) for r in report["results"]])
+        log(f"appended {len(report['results'])} row(s) to {csv_path}")
+    if plot_path:
+        write_plot(plot_path, report["results"])
+        log(f"wrote {plot_path}")
