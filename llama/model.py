@@ -62,6 +62,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of a single query position (a decode step) against the whole cache, in float32.
+
+    q: (batch, heads, 1, head_dim); k, v: (batch, kv_heads, seq, head_dim); mask: (1, 1, 1, seq).
+    On CPU, scaled_dot_product_attention takes 10-20x longer than these three small products for
+    one query (measured: 1 ms vs 0.08 ms a layer at a 256-token cache, 80 ms vs 3 ms at batch 8
+    and 1152 tokens), which made attention a sizeable part of a decode step."""
+    bsz, n_heads, _, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    # Query heads grouped under the key/value head they share (grouped-query attention).
+    grouped = q.float().view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)
+    scores = grouped @ k.float().transpose(-1, -2) * head_dim**-0.5
+    scores = torch.where(mask, scores, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.float()
+    return out.view(bsz, n_heads, 1, head_dim).type_as(q)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values, (batch, kv_heads, seq, head_dim), written in place."""
 
@@ -100,7 +117,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        if seqlen == 1 and x.device.type == "cpu":
+            y = one_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

@@ -8,22 +8,59 @@ projection over the vocabulary too (an all-gather of the logits).
 
 from __future__ import annotations
 
+import functools
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from llama.args import ModelArgs
 from llama.errors import UserError
 from llama.model import Transformer
 
+
+def _local_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.weight.to_local())
+
+
+def _local_linear_all_reduce(module: nn.Linear, mesh: DeviceMesh, x: torch.Tensor) -> torch.Tensor:
+    return funcol.all_reduce(F.linear(x, module.weight.to_local()), "sum", mesh)
+
+
+class LocalColwiseParallel(ColwiseParallel):
+    """ColwiseParallel's sharding (a Shard(0) DTensor weight, so DCP loads it at any degree),
+    with a forward that multiplies the replicated input by the local shard as plain tensors.
+    In eager mode DTensor's per-op dispatch costs about half a millisecond per linear layer
+    on CPU (measured), as much as a small model's matrix-vector products in a decode step."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        distribute_module(module, device_mesh, self._partition_linear_fn)
+        module.forward = functools.partial(_local_linear, module)
+        return module
+
+
+class LocalRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel's sharding (Shard(1) weight); the forward multiplies the sharded input
+    by the local shard and sums the partial outputs with one all-reduce, as plain tensors."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        distribute_module(module, device_mesh, self._partition_linear_fn)
+        module.forward = functools.partial(_local_linear_all_reduce, module, device_mesh)
+        return module
+
+
 BLOCK_PLAN = {
-    "attention.wq": ColwiseParallel(),
-    "attention.wk": ColwiseParallel(),
-    "attention.wv": ColwiseParallel(),
-    "attention.wo": RowwiseParallel(),
-    "feed_forward.w1": ColwiseParallel(),
-    "feed_forward.w3": ColwiseParallel(),
-    "feed_forward.w2": RowwiseParallel(),
+    "attention.wq": LocalColwiseParallel(),
+    "attention.wk": LocalColwiseParallel(),
+    "attention.wv": LocalColwiseParallel(),
+    "attention.wo": LocalRowwiseParallel(),
+    "feed_forward.w1": LocalColwiseParallel(),
+    "feed_forward.w3": LocalColwiseParallel(),
+    "feed_forward.w2": LocalRowwiseParallel(),
 }
 
 

@@ -48,7 +48,8 @@ def random_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
         if len(shape) == 1:
             state[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
-            state[name] = torch.randn(shape, generator=g) * (0.5 / shape[-1] ** 0.5 if "embeddings" not in name else 1.0)
+            std = {"tok_embeddings.weight": 1.0, "output.weight": 4.0 / shape[-1] ** 0.5}.get(name, 0.5 / shape[-1] ** 0.5)
+            state[name] = torch.randn(shape, generator=g) * std
     return state
 
 
