@@ -7,9 +7,8 @@
 import argparse
 from pathlib import Path
 
-from llama.checkpoint import DTYPES, MetaCheckpoint, convert
+from llama.checkpoint import DTYPES, MetaCheckpoint, check_output_dir, convert
 from llama.distributed import init_runtime, log, run_cli
-from llama.tokenizer import Tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -28,13 +27,12 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     runtime = init_runtime()
-    tokenizer_path = args.tokenizer_path or args.original_ckpt_dir / "tokenizer.model"
-    tokenizer = Tokenizer(tokenizer_path)
-    ckpt = MetaCheckpoint(args.original_ckpt_dir, tokenizer, args.model_parallel_size,
+    check_output_dir(args.save_checkpoint_dir, args.overwrite)
+    ckpt = MetaCheckpoint(args.original_ckpt_dir, args.tokenizer_path, args.model_parallel_size,
                           max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
     log(f"{args.original_ckpt_dir}: {len(ckpt.paths)} shard(s), {ckpt.args.n_layers} layers, dim {ckpt.args.dim}, "
         f"vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
-    convert(ckpt, tokenizer_path, args.save_checkpoint_dir, runtime, args.dtype, args.overwrite)
+    convert(ckpt, args.save_checkpoint_dir, runtime, args.dtype, args.overwrite)
 
 
 if __name__ == "__main__":

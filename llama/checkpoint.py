@@ -45,13 +45,14 @@ class MergePlan:
 class MetaCheckpoint:
     """A Meta-format checkpoint directory, memory-mapped and validated against params.json."""
 
-    def __init__(self, ckpt_dir: Path, tokenizer: Tokenizer, model_parallel_size: int | None = None,
+    def __init__(self, ckpt_dir: Path, tokenizer_path: Path | None = None, model_parallel_size: int | None = None,
                  **arg_overrides: object) -> None:
         self.dir = Path(ckpt_dir)
         if not self.dir.is_dir() or not any(self.dir.iterdir()):
             raise UserError(f"--original_ckpt_dir {self.dir}: missing or empty; pass the folder that holds "
                             "params.json and consolidated.*.pth (download.py prints it)")
         self.paths = _shard_paths(self.dir)
+        self.tokenizer = tokenizer = Tokenizer(tokenizer_path or self.dir / TOKENIZER_FILE)
         if model_parallel_size is not None and model_parallel_size != len(self.paths):
             raise UserError(f"--model_parallel_size {model_parallel_size} does not match the {len(self.paths)} "
                             f"consolidated.*.pth file(s) in {self.dir}; omit the flag to detect it")
@@ -139,15 +140,18 @@ def _local_rows(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return min(rank * chunk, n_rows), min((rank + 1) * chunk, n_rows)
 
 
-def convert(ckpt: MetaCheckpoint, tokenizer_path: Path, out_dir: Path, runtime: Runtime, dtype: str,
-            overwrite: bool) -> None:
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise UserError(f"--save_checkpoint_dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
+
+
+def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, overwrite: bool) -> None:
     """Write `ckpt` as a DCP checkpoint plus model_args.json and tokenizer.model in `out_dir`.
 
     All of it is written to a sibling `.partial` directory that is renamed into place at
     the end, so `out_dir` is either the whole checkpoint or untouched."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise UserError(f"--save_checkpoint_dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
+    check_output_dir(out_dir, overwrite)
     staging = out_dir.with_name(out_dir.name + ".partial")
     if runtime.is_main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -170,7 +174,7 @@ def convert(ckpt: MetaCheckpoint, tokenizer_path: Path, out_dir: Path, runtime: 
     if runtime.is_main:
         ckpt.args.dtype = dtype
         ckpt.args.save(staging / ARGS_FILE)
-        shutil.copyfile(tokenizer_path, staging / TOKENIZER_FILE)
+        shutil.copyfile(ckpt.tokenizer.path, staging / TOKENIZER_FILE)
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         staging.rename(out_dir)

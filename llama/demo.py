@@ -98,7 +98,6 @@ def ensure_demo_checkpoint(runtime: Runtime) -> Path:
             log(f"building the demo model in {root} (once; about a minute on a laptop CPU)")
             build_meta_checkpoint(meta_dir)
         dist.barrier()
-        ckpt = MetaCheckpoint(meta_dir, Tokenizer(meta_dir / "tokenizer.model"), max_seq_len=DEMO_ARGS["max_seq_len"],
-                              max_batch_size=DEMO_ARGS["max_batch_size"])
-        convert(ckpt, meta_dir / "tokenizer.model", dcp_dir, runtime, "float32", overwrite=True)
+        ckpt = MetaCheckpoint(meta_dir, max_seq_len=DEMO_ARGS["max_seq_len"], max_batch_size=DEMO_ARGS["max_batch_size"])
+        convert(ckpt, dcp_dir, runtime, "float32", overwrite=True)
     return dcp_dir

@@ -32,7 +32,7 @@ def stored_weights(ckpt_dir) -> dict[str, torch.Tensor]:
     """Read a DCP checkpoint whole, in this single process."""
     metadata = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
     state = {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in metadata.items()}
-    dcp.load(state, checkpoint_id=ckpt_dir)
+    dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
     return state
 
 

@@ -1,0 +1,152 @@
+"""Bad input: one line on rank 0, a non-zero exit on every rank, nothing half-written."""
+
+import json
+import shutil
+
+import pytest
+
+from helpers import LLAMA3_TINY, convert, make_meta_checkpoint, run_script, sentencepiece_32k_path
+
+
+def assert_clean_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "[rank" not in result.stderr, "a rank printed a traceback"
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory, small_sp_tokenizer):
+    path = tmp_path_factory.mktemp("meta") / "ckpt"
+    make_meta_checkpoint(path, small_sp_tokenizer, n_shards=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, meta):
+    out = tmp_path_factory.mktemp("dcp") / "ckpt"
+    convert(meta, out)
+    return out
+
+
+def run_convert(src, out, *extra, nproc=2):
+    return run_script("convert_checkpoints.py", "--original_ckpt_dir", src, "--save_checkpoint_dir", out, *extra,
+                      nproc=nproc)
+
+
+def copy_with(meta, dest, edit_params=None, drop=()):
+    shutil.copytree(meta, dest)
+    for name in drop:
+        (dest / name).unlink()
+    if edit_params:
+        params = json.loads((dest / "params.json").read_text())
+        edit_params(params)
+        (dest / "params.json").write_text(json.dumps(params))
+    return dest
+
+
+def test_missing_checkpoint_dir(tmp_path):
+    assert_clean_error(run_convert(tmp_path / "nope", tmp_path / "out"), "--original_ckpt_dir", "missing or empty")
+
+
+def test_empty_checkpoint_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run_convert(tmp_path / "empty", tmp_path / "out"), "missing or empty")
+
+
+def test_no_shards(tmp_path, meta):
+    src = copy_with(meta, tmp_path / "src", drop=("consolidated.00.pth", "consolidated.01.pth"))
+    assert_clean_error(run_convert(src, tmp_path / "out"), "no consolidated.*.pth")
+
+
+def test_missing_shard(tmp_path, meta):
+    src = copy_with(meta, tmp_path / "src", drop=("consolidated.00.pth",))
+    assert_clean_error(run_convert(src, tmp_path / "out"), "not numbered 0..0")
+
+
+def test_shard_count_differs_from_flag(tmp_path, meta):
+    assert_clean_error(run_convert(meta, tmp_path / "out", "--model_parallel_size", "1"),
+                       "--model_parallel_size 1", "2 consolidated")
+
+
+def test_corrupt_shard(tmp_path, meta):
+    src = copy_with(meta, tmp_path / "src")
+    (src / "consolidated.01.pth").write_bytes(b"<html>not a checkpoint</html>")
+    assert_clean_error(run_convert(src, tmp_path / "out"), "consolidated.01.pth", "not a readable")
+
+
+def test_shapes_do_not_fit_params(tmp_path, meta):
+    src = copy_with(meta, tmp_path / "src", edit_params=lambda p: p.update(multiple_of=256))
+    assert_clean_error(run_convert(src, tmp_path / "out"), "feed_forward", "does not add up")
+
+
+def test_params_missing_field(tmp_path, meta):
+    src = copy_with(meta, tmp_path / "src", edit_params=lambda p: p.pop("dim"))
+    assert_clean_error(run_convert(src, tmp_path / "out"), "params.json", "missing field(s) dim")
+
+
+def test_tokenizer_size_differs_from_vocab(tmp_path, small_sp_tokenizer):
+    make_meta_checkpoint(tmp_path / "src", small_sp_tokenizer, llama2_layout=False, **LLAMA3_TINY)
+    result = run_convert(tmp_path / "src", tmp_path / "out", "--tokenizer_path", sentencepiece_32k_path())
+    assert_clean_error(result, "--tokenizer_path", "32000 tokens", "vocab_size 256")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_overwrite(tmp_path, meta):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert_clean_error(run_convert(meta, out), "--save_checkpoint_dir", "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_whole(tmp_path, meta):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    result = run_convert(meta, out, "--overwrite", nproc=1)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "stale.txt").exists() and (out / ".metadata").is_file()
+    assert not (tmp_path / "out.partial").exists()
+
+
+def run_generate(ckpt, *extra, nproc=2):
+    return run_script("generate.py", "--converted_ckpt_dir", ckpt, "--max_gen_len", "4", *extra, nproc=nproc)
+
+
+def test_not_a_dcp_checkpoint(tmp_path, converted):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    shutil.copy(converted / "model_args.json", fake)
+    shutil.copy(converted / "tokenizer.model", fake)
+    assert_clean_error(run_generate(fake, "--prompt", "hi"), "--converted_ckpt_dir", "not a DCP checkpoint")
+
+
+def test_checkpoint_of_another_model(tmp_path, converted):
+    args = json.loads((converted / "model_args.json").read_text())
+    args.update(dim=128)
+    (tmp_path / "other.json").write_text(json.dumps(args))
+    result = run_generate(converted, "--prompt", "hi", "--model_args", tmp_path / "other.json")
+    assert_clean_error(result, "converted from another model", "other.json")
+
+
+def test_tp_degree_must_divide_heads(converted):
+    assert_clean_error(run_generate(converted, "--prompt", "hi", nproc=3), "tensor-parallel degree 3",
+                       "n_heads 4")
+
+
+def test_prompt_longer_than_max_seq_len(converted):
+    result = run_generate(converted, "--prompt", "Four score and seven years ago", "--max_seq_len", "8")
+    assert_clean_error(result, "prompt 0", "max_seq_len 8")
+
+
+def test_more_prompts_than_batch(converted):
+    result = run_generate(converted, *[a for i in range(5) for a in ("--prompt", f"p{i}")])
+    assert_clean_error(result, "5 prompts", "max_batch_size 4")
+
+
+def test_empty_prompt(converted):
+    assert_clean_error(run_generate(converted, "--prompt", "Four", "--prompt", " "), "prompt 1 is empty")
