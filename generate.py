@@ -2,17 +2,24 @@
 
     torchrun --nproc_per_node K generate.py --converted_ckpt_dir OUT --prompt "The capital of France is"
     torchrun --nproc_per_node 2 generate.py --demo
+    torchrun --nproc_per_node K generate.py --converted_ckpt_dir OUT --dialogs dialogs.json
+    torchrun --nproc_per_node K generate.py --converted_ckpt_dir OUT --interactive --system "Be brief."
 """
 
 import argparse
 import json
 from pathlib import Path
 
+from llama.chat import (CHAT_FORMATS, Dialog, chat_stop_ids, encode_dialogs, load_dialogs, resolve_chat_format,
+                        with_system)
 from llama.checkpoint import DTYPES, load_converted
 from llama.demo import DEMO_PROMPTS, ensure_demo_checkpoint
 from llama.distributed import default_dtype, init_runtime, log, run_cli
 from llama.errors import UserError
-from llama.generation import generate
+from llama.interactive import run_chat
+from llama.model import Transformer
+from llama.streaming import print_completions
+from llama.tokenizer import Tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,7 +39,30 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, help="override model_args.json")
     p.add_argument("--echo", action="store_true", help="print each prompt and its completion as one text")
     p.add_argument("--output_json", type=Path, help="also write prompts, tokens, logprobs and texts here")
+    p.add_argument("--stream", action="store_true", help="print each completion as it is generated "
+                   "(prompts are then decoded one after another)")
+    chat = p.add_argument_group("chat")
+    chat.add_argument("--dialogs", type=Path, help="JSON list of dialogs, each a list of {\"role\", \"content\"} "
+                      "messages (system, then user/assistant turns ending with user): prints the assistant replies")
+    chat.add_argument("--interactive", action="store_true", help="chat in the terminal: rank 0 reads, all ranks "
+                      "decode, replies stream; /reset, /system TEXT, /exit")
+    chat.add_argument("--system", help="system prompt for --interactive, and for dialogs that have none")
+    chat.add_argument("--chat_format", choices=CHAT_FORMATS, help="default: the tokenizer's family")
     return p.parse_args()
+
+
+def check_modes(args: argparse.Namespace) -> None:
+    """Reject flags that the chosen mode would silently ignore."""
+    if args.dialogs and args.interactive:
+        raise UserError("--dialogs and --interactive are two different modes; pass one of them")
+    chat = args.dialogs or args.interactive
+    if chat and (args.prompt or args.prompt_file or args.echo):
+        raise UserError("--prompt, --prompt_file and --echo are for text completion; drop them with "
+                        "--dialogs or --interactive")
+    if not chat and (args.system is not None or args.chat_format):
+        raise UserError("--system and --chat_format apply to --dialogs or --interactive only")
+    if args.interactive and args.output_json:
+        raise UserError("--output_json is not written in --interactive mode; use --dialogs to save replies")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -54,31 +84,62 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def complete_prompts(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, prompts: list[str],
+                     temperature: float) -> list[dict]:
+    prompt_tokens = [tokenizer.encode(p, bos=True) for p in prompts]
+    headers = [p if args.echo else f"> {p}\n" for p in prompts]
+    completions = print_completions(model, tokenizer, prompt_tokens, headers, args.max_gen_len, tokenizer.stop_ids,
+                                    temperature, args.top_p, args.seed, args.stream)
+    return [{"prompt": prompt, "prompt_tokens": tokens, "tokens": c.tokens, "logprobs": c.logprobs,
+             "text": tokenizer.decode(c.tokens)} for prompt, tokens, c in zip(prompts, prompt_tokens, completions)]
+
+
+def complete_dialogs(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, dialogs: list[Dialog],
+                     temperature: float) -> list[dict]:
+    chat_format = resolve_chat_format(tokenizer, args.chat_format)
+    dialogs = [with_system(d, args.system) for d in dialogs]
+    encoded = encode_dialogs(tokenizer, dialogs, chat_format, model.args.max_seq_len, model.args.max_batch_size)
+    refused = {i: reason for i, reason in enumerate(encoded) if isinstance(reason, str)}
+    for i, reason in refused.items():
+        log(f"dialog {i} refused: {reason}", end="\n\n")
+    sent = [i for i in range(len(dialogs)) if i not in refused]
+    headers = ["".join(f"{m['role']}: {m['content']}\n" for m in dialogs[i]) + "assistant: " for i in sent]
+    completions = dict(zip(sent, print_completions(model, tokenizer, [encoded[i] for i in sent], headers,
+                                                   args.max_gen_len, chat_stop_ids(tokenizer, chat_format),
+                                                   temperature, args.top_p, args.seed, args.stream)))
+    return [{"dialog": dialog, "prompt_tokens": [], "tokens": [], "logprobs": [], "text": "", "error": refused[i]}
+            if i in refused else
+            {"dialog": dialog, "prompt_tokens": encoded[i], "tokens": completions[i].tokens,
+             "logprobs": completions[i].logprobs, "text": tokenizer.decode(completions[i].tokens)}
+            for i, dialog in enumerate(dialogs)]
+
+
 def main() -> None:
     args = parse_args()
+    check_modes(args)
     if not args.demo and not args.converted_ckpt_dir:
         raise UserError("--converted_ckpt_dir is required (or --demo for the built-in example)")
     runtime = init_runtime()
-    prompts = read_prompts(args)
+    chat = args.dialogs or args.interactive
+    prompts = [] if chat else read_prompts(args)
+    dialogs = load_dialogs(args.dialogs) if args.dialogs else []
     if args.demo:
         args.converted_ckpt_dir = ensure_demo_checkpoint(runtime)
-        prompts = prompts or DEMO_PROMPTS
+        prompts = prompts or ([] if chat else DEMO_PROMPTS)
         args.temperature = 0.0 if args.temperature is None else args.temperature
     temperature = 0.6 if args.temperature is None else args.temperature
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(runtime.device)
 
     model, tokenizer = load_converted(args.converted_ckpt_dir, runtime, dtype, args.model_args, args.tokenizer_path,
                                       args.max_seq_len, args.max_batch_size)
-    prompt_tokens = [tokenizer.encode(p, bos=True) for p in prompts]
-    completions = generate(model, prompt_tokens, args.max_gen_len, tokenizer.stop_ids, temperature, args.top_p,
-                           args.seed)
-
-    results = []
-    for prompt, tokens, completion in zip(prompts, prompt_tokens, completions):
-        text = tokenizer.decode(completion.tokens)
-        results.append({"prompt": prompt, "prompt_tokens": tokens, "tokens": completion.tokens,
-                        "logprobs": completion.logprobs, "text": text})
-        log(prompt + text if args.echo else f"> {prompt}\n{text}", end="\n\n")
+    if args.interactive:
+        run_chat(model, tokenizer, resolve_chat_format(tokenizer, args.chat_format), runtime, args.max_gen_len,
+                 temperature, args.top_p, args.seed, args.system)
+        return
+    if dialogs:
+        results = complete_dialogs(args, model, tokenizer, dialogs, temperature)
+    else:
+        results = complete_prompts(args, model, tokenizer, prompts, temperature)
     if args.output_json and runtime.is_main:
         args.output_json.write_text(json.dumps({"results": results}, indent=2, ensure_ascii=False) + "\n")
 

@@ -8,6 +8,8 @@ prompt ends with an open assistant header for the model to complete.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal, TypedDict
 
 from llama.errors import UserError
@@ -70,6 +72,18 @@ def parse_dialogs(data: object, source: str) -> list[Dialog]:
         if problem:
             raise UserError(f"{source}: dialog {i}: {problem}")
     return data
+
+
+def load_dialogs(path: Path) -> list[Dialog]:
+    """Read and check a --dialogs file."""
+    source = f"--dialogs {path}"
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise UserError(f"{source}: cannot read it ({e.strerror}); pass a JSON file of dialogs") from None
+    except ValueError as e:  # invalid JSON or text that is not UTF-8
+        raise UserError(f"{source}: not valid JSON ({e})") from None
+    return parse_dialogs(data, source)
 
 
 def with_system(dialog: Dialog, system: str | None) -> Dialog:
