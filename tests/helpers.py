@@ -68,12 +68,13 @@ def make_meta_checkpoint(out_dir: Path, tokenizer_path: Path, n_shards: int = 1,
     return args
 
 
-def run_script(script: str, *args: object, nproc: int = 1, timeout: float = 300,
+def run_script(script: str, *args: object, nproc: int = 1, timeout: float = 300, gpu: bool = False,
                env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts under torchrun with `nproc` CPU ranks (gloo)."""
+    """Run one of the project's scripts under torchrun with `nproc` ranks: CPU and gloo
+    unless `gpu`, which leaves the GPUs visible (NCCL)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(REPO / script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""}),
                 **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, input=input)
 
