@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Shard
 
 from llama.args import ModelArgs
-from llama.distributed import Runtime, log
+from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
 from llama.model import Transformer
 from llama.parallel import parallelize
@@ -178,8 +178,9 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         staging.rename(out_dir)
-    dist.barrier()
-    log(f"converted {len(ckpt.plans)} tensors in {time.perf_counter() - start:.1f}s -> {out_dir}")
+    peak = max_over_ranks(peak_rss_bytes(), runtime.device)
+    log(f"converted {len(ckpt.plans)} tensors in {time.perf_counter() - start:.1f}s -> {out_dir} "
+        f"(peak memory per rank {peak / 2**30:.2f} GiB)")
 
 
 def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:

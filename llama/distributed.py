@@ -7,6 +7,7 @@ otherwise CPU + gloo. Scripts run under torchrun or as a plain single process.
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,18 @@ def log(*parts: object, **print_kwargs: object) -> None:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest `value` any rank holds (a collective: every rank must call it)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def init_runtime() -> Runtime:
