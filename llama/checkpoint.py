@@ -175,8 +175,9 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
         ckpt.args.dtype = dtype
         ckpt.args.save(staging / ARGS_FILE)
         shutil.copyfile(ckpt.tokenizer.path, staging / TOKENIZER_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        if out_dir.is_dir():  # empty, or --overwrite
+            shutil.rmtree(out_dir)
+        out_dir.unlink(missing_ok=True)
         staging.rename(out_dir)
     peak = max_over_ranks(peak_rss_bytes(), runtime.device)
     log(f"converted {len(ckpt.plans)} tensors in {time.perf_counter() - start:.1f}s -> {out_dir} "
