@@ -390,3 +390,38 @@ def read_until(stream, marker: bytes, count: int, timeout: float) -> bytes:
             assert chunk, f"output ended early: {data!r}"
             data += chunk
     return data
+
+
+def test_end_of_input_ends_the_session(dialogs_run, llama2_chat_ckpt):
+    """Ctrl-D in a terminal; here the pipe closes after one message."""
+    result = run_script("generate.py", *generate_args(llama2_chat_ckpt, "--interactive", "--system", SYSTEM),
+                        nproc=2, timeout=120, input="Hello\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(f"\n> {as_read(dialogs_run[1][0]['text'])}\n> \n")
+
+
+def test_malformed_dialogs_file_is_one_error_line(tmp_path, llama2_chat_ckpt):
+    (tmp_path / "dialogs.json").write_text(json.dumps([dialog("Hi"), [{"role": "assistant", "content": "Hi"}]]))
+    result = run_script("generate.py", *generate_args(llama2_chat_ckpt, "--dialogs", tmp_path / "dialogs.json"),
+                        nproc=2)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: --dialogs {tmp_path / 'dialogs.json'}: dialog 1: message 0: role 'assistant' where "
+                      "'user' is due; turns alternate user/assistant, starting with user"]
+    assert "[rank" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dialogs", "d.json", "--interactive"], "--dialogs and --interactive are two different modes"),
+    (["--interactive", "--prompt", "x"], "--prompt, --prompt_file and --echo are for text completion"),
+    (["--dialogs", "d.json", "--echo"], "--prompt, --prompt_file and --echo are for text completion"),
+    (["--prompt", "x", "--system", "Be brief."], "--system and --chat_format apply to --dialogs or --interactive"),
+    (["--prompt", "x", "--chat_format", "llama2"], "--system and --chat_format apply to --dialogs or --interactive"),
+    (["--interactive", "--output_json", "o.json"], "--output_json is not written in --interactive mode"),
+])
+def test_flags_that_would_be_ignored_are_rejected(monkeypatch, argv, message):
+    import generate
+
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--demo", *argv])
+    with pytest.raises(UserError, match=message):
+        generate.check_modes(generate.parse_args())
