@@ -23,6 +23,7 @@ from llama.args import ModelArgs
 from llama.checkpoint import DTYPES, load_converted
 from llama.distributed import Runtime, default_dtype, init_runtime, log, run_cli
 from llama.errors import UserError
+from llama.generation import use_compiled_decode
 from llama.model import Transformer
 
 
@@ -135,14 +136,16 @@ def main() -> None:
         dtype = DTYPES[dtype_name]
         model = build_model(args, runtime, dtype_name, configs)
         model_args = dataclasses.asdict(model.args)
+        if args.compile:
+            use_compiled_decode(model)
         ceilings[dtype_name] = bench.measure_bandwidth_ceiling(model.args, runtime.world_size, dtype, runtime.device)
         log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s "
             f"(read {ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
         hf_model = bench.build_hf_model(model, runtime) if args.baseline else None
         for config in configs:
             memory.reset()
-            measured = bench.run_config(model, config, args.warmup, args.trials, args.compile, bool(args.baseline),
-                                        hf_model, threads * runtime.world_size, args.seed)
+            measured = bench.run_config(model, config, args.warmup, args.trials, bool(args.baseline), hf_model,
+                                        threads * runtime.world_size, args.seed)
             result = bench.summarize(measured, model, dtype_name, ceilings[dtype_name], memory)
             results.append(result)
             log(f"  batch {config.batch_size} prompt {config.prompt_len} gen {config.gen_len}: decode "

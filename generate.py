@@ -16,6 +16,7 @@ from llama.checkpoint import DTYPES, load_converted
 from llama.demo import DEMO_PROMPTS, ensure_demo_checkpoint
 from llama.distributed import default_dtype, init_runtime, log, run_cli
 from llama.errors import UserError
+from llama.generation import use_compiled_decode
 from llama.interactive import run_chat
 from llama.model import Transformer
 from llama.streaming import print_completions
@@ -37,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16")
     p.add_argument("--max_seq_len", type=int, help="override model_args.json")
     p.add_argument("--max_batch_size", type=int, help="override model_args.json")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster tokens)")
     p.add_argument("--echo", action="store_true", help="print each prompt and its completion as one text")
     p.add_argument("--output_json", type=Path, help="also write prompts, tokens, logprobs and texts here")
     p.add_argument("--stream", action="store_true", help="print each completion as it is generated "
@@ -132,6 +134,8 @@ def main() -> None:
 
     model, tokenizer = load_converted(args.converted_ckpt_dir, runtime, dtype, args.model_args, args.tokenizer_path,
                                       args.max_seq_len, args.max_batch_size)
+    if args.compile:
+        use_compiled_decode(model)
     if args.interactive:
         run_chat(model, tokenizer, resolve_chat_format(tokenizer, args.chat_format), runtime, args.max_gen_len,
                  temperature, args.top_p, args.seed, args.system)

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from llama.args import ModelArgs
 from llama.distributed import Runtime, log
 from llama.errors import UserError
-from llama.generation import generate
+from llama.generation import generate, single_row_kernels
 from llama.model import Transformer
 from llama.parallel import parallelize
 
@@ -172,7 +172,9 @@ def measure_bandwidth_ceiling(args: ModelArgs, tp: int, dtype: torch.dtype, devi
     nbytes = flat.numel() * element_size * dist.get_world_size()
 
     read = min(_time_on_all_ranks(flat.sum, device, repeats))
-    matvec = min(_time_on_all_ranks(lambda: [torch.nn.functional.linear(x, w) for w in weights], device, repeats))
+    with single_row_kernels(device):  # the fastest matrix-vector kernel generate() knows
+        matvec = min(_time_on_all_ranks(lambda: [torch.nn.functional.linear(x, w) for w in weights], device,
+                                        repeats))
     return {"read_gb_per_s": nbytes / read / 1e9, "matvec_gb_per_s": nbytes / matvec / 1e9,
             "ceiling_gb_per_s": nbytes / min(read, matvec) / 1e9, "bytes_streamed": nbytes}
 
@@ -258,14 +260,14 @@ def random_prompts(config: Config, vocab_size: int, seed: int) -> list[list[int]
     return torch.randint(0, vocab_size, (config.batch_size, config.prompt_len), generator=g).tolist()
 
 
-def time_generate(model: Transformer, prompts: list[list[int]], gen_len: int, compile: bool) -> Trial:
+def time_generate(model: Transformer, prompts: list[list[int]], gen_len: int) -> Trial:
     """One greedy generate() of exactly gen_len tokens, timed through its streaming hook
     (called right after each step's single host sync)."""
     stamps: list[float] = []
     dist.barrier()
     start = time.perf_counter()
     generate(model, prompts, gen_len, stop_ids=frozenset(), temperature=0.0,
-             on_tokens=lambda _: stamps.append(time.perf_counter()), compile=compile)
+             on_tokens=lambda _: stamps.append(time.perf_counter()))
     ttft = _slowest(stamps[0] - start)
     steps = [_slowest(b - a) for a, b in zip(stamps, stamps[1:])]
     return Trial(ttft, steps)
@@ -303,14 +305,14 @@ class Measurement:
     baseline_trials: list[Trial] = field(default_factory=list)
 
 
-def run_config(model: Transformer, config: Config, warmup: int, trials: int, compile: bool, baseline: bool,
+def run_config(model: Transformer, config: Config, warmup: int, trials: int, baseline: bool,
                hf_model: torch.nn.Module | None, hf_threads: int, seed: int) -> Measurement:
     """Warm-up runs (not counted), then timed trials of ours and, with `baseline`, of
     transformers' (which runs on rank 0, holding `hf_model`)."""
     prompts = random_prompts(config, model.args.vocab_size, seed)
     result = Measurement(config)
     for i in range(warmup + trials):
-        trial = time_generate(model, prompts, config.gen_len, compile)
+        trial = time_generate(model, prompts, config.gen_len)
         if i >= warmup:
             result.trials.append(trial)
     if baseline:
