@@ -127,7 +127,7 @@ def main() -> None:
     dialogs = load_dialogs(args.dialogs) if args.dialogs else []
     if args.demo:
         args.converted_ckpt_dir = ensure_demo_checkpoint(runtime)
-        prompts = prompts or ([] if chat else DEMO_PROMPTS)
+        prompts = prompts if prompts or chat else DEMO_PROMPTS
         args.temperature = 0.0 if args.temperature is None else args.temperature
     temperature = 0.6 if args.temperature is None else args.temperature
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(runtime.device)
