@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -355,17 +356,23 @@ def test_interactive_session_at_tp2(dialogs_run, llama2_chat_ckpt):
     assert second_reply and "\n> " not in second_reply
 
 
-def test_ctrl_c_ends_every_rank_cleanly(llama2_chat_ckpt):
-    """On Ctrl-C torchrun sends SIGINT to every rank; here it arrives while rank 0 waits for input."""
+@pytest.mark.parametrize("while_", ["waiting for input", "streaming a reply"])
+def test_ctrl_c_ends_every_rank_cleanly(llama2_chat_ckpt, while_):
+    """On Ctrl-C torchrun sends SIGINT to every rank (and then reports the signal itself)."""
+    streaming = while_ == "streaming a reply"
+    long_reply = ("--max_gen_len", "4000", "--max_seq_len", "4096") if streaming else ()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "generate.py"), *map(str, generate_args(llama2_chat_ckpt, "--interactive"))]
+               str(REPO / "generate.py"), *map(str, generate_args(llama2_chat_ckpt, "--interactive", *long_reply))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     torchrun = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, cwd=REPO)
     try:
         torchrun.stdin.write(b"Hello\n")
         torchrun.stdin.flush()
-        shown = read_until(torchrun.stdout, b"\n> ", count=2, timeout=90)  # the reply, then the next prompt
+        if streaming:  # some of the reply is out
+            shown = read_until(torchrun.stdout, lambda out: len(out.partition(b"\n> ")[2]) > 10, timeout=90)
+        else:  # the whole reply, then the next prompt
+            shown = read_until(torchrun.stdout, lambda out: out.count(b"\n> ") == 2, timeout=90)
         ranks = [int(pid) for pid in open(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read().split()]
         assert len(ranks) == 2
         for pid in ranks:
@@ -376,15 +383,19 @@ def test_ctrl_c_ends_every_rank_cleanly(llama2_chat_ckpt):
         torchrun.wait()
     assert torchrun.returncode == 0, err.decode()
     assert b"Traceback" not in err
-    assert (shown + out).endswith(b"\n> \n")
+    shown += out
+    if streaming:  # the reply was cut short: no prompt came after it
+        assert shown.count(b"\n> ") == 1 and shown.endswith(b"\n\n"), shown
+    else:
+        assert shown.endswith(b"\n> \n")
 
 
-def read_until(stream, marker: bytes, count: int, timeout: float) -> bytes:
-    """Read a child's output until `marker` was seen `count` times, without blocking past timeout."""
+def read_until(stream, done: Callable[[bytes], bool], timeout: float) -> bytes:
+    """Read a child's output until done(output so far), without blocking past timeout."""
     data, deadline = b"", time.monotonic() + timeout
-    while data.count(marker) < count:
+    while not done(data):
         remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no {marker!r} within {timeout}s: {data!r}"
+        assert remaining > 0, f"still waiting after {timeout}s: {data!r}"
         if select.select([stream], [], [], remaining)[0]:
             chunk = os.read(stream.fileno(), 65536)
             assert chunk, f"output ended early: {data!r}"
