@@ -166,9 +166,10 @@ def measure_bandwidth_ceiling(args: ModelArgs, tp: int, dtype: torch.dtype, devi
     budget = decode_bytes_per_step(args, tp, 1, 0, element_size)
     budget = min(max(budget, CEILING_MIN_BYTES), CEILING_MAX_BYTES)
     n_matrices = max(1, budget // (rows * cols * element_size))
-    weights = [torch.randn(rows, cols, device=device).to(dtype) for _ in range(n_matrices)]
-    x = torch.randn(1, 1, cols, device=device).to(dtype)
-    flat = torch.cat([w.flatten() for w in weights])
+    # Filled with normal numbers: uninitialized memory may hold denormals, slow on some CPUs.
+    flat = torch.empty(n_matrices * rows * cols, dtype=dtype, device=device).uniform_(-1, 1)
+    weights = flat.view(n_matrices, rows, cols).unbind(0)
+    x = torch.empty(1, 1, cols, dtype=dtype, device=device).uniform_(-1, 1)
     nbytes = flat.numel() * element_size * dist.get_world_size()
 
     read = min(_time_on_all_ranks(flat.sum, device, repeats))
@@ -308,35 +309,34 @@ class Measurement:
 def run_config(model: Transformer, config: Config, warmup: int, trials: int, baseline: bool,
                hf_model: torch.nn.Module | None, hf_threads: int, seed: int) -> Measurement:
     """Warm-up runs (not counted), then timed trials of ours and, with `baseline`, of
-    transformers' (which runs on rank 0, holding `hf_model`)."""
+    transformers' (on rank 0, which holds `hf_model`). The two alternate run by run, so a
+    change in the machine's load during the run touches both sides of the ratio alike."""
     prompts = random_prompts(config, model.args.vocab_size, seed)
     result = Measurement(config)
     for i in range(warmup + trials):
-        trial = time_generate(model, prompts, config.gen_len)
+        ours = time_generate(model, prompts, config.gen_len)
+        theirs = _time_baseline(hf_model, prompts, config.gen_len, hf_threads) if baseline else None
         if i >= warmup:
-            result.trials.append(trial)
-    if baseline:
-        result.baseline_trials = _run_baseline(hf_model, prompts, config.gen_len, warmup, trials, hf_threads)
+            result.trials.append(ours)
+            if theirs:
+                result.baseline_trials.append(theirs)
     return result
 
 
-def _run_baseline(hf_model: torch.nn.Module | None, prompts: list[list[int]], gen_len: int, warmup: int,
-                  trials: int, threads: int) -> list[Trial]:
-    """The baseline runs on rank 0 alone with the threads of the whole TP group; the other
+def _time_baseline(hf_model: torch.nn.Module | None, prompts: list[list[int]], gen_len: int,
+                   threads: int) -> Trial | None:
+    """One baseline run on rank 0 alone, with the threads of the whole TP group; the other
     ranks wait at a barrier."""
-    timed: list[Trial] = []
+    trial = None
     if hf_model is not None:
         own_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for i in range(warmup + trials):
-                trial = time_hf_generate(hf_model, prompts, gen_len)
-                if i >= warmup:
-                    timed.append(trial)
+            trial = time_hf_generate(hf_model, prompts, gen_len)
         finally:
             torch.set_num_threads(own_threads)
     dist.barrier()
-    return timed
+    return trial
 
 
 def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: dict[str, float],

@@ -215,3 +215,17 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, tiny_checkpoint):
                              extra=(*extra, "--compile"))
     assert [r["tokens"] for r in compiled["results"]] == [r["tokens"] for r in eager["results"]]
     assert all(len(r["tokens"]) > 0 for r in eager["results"])
+
+
+@pytest.mark.parametrize("flag,package", [(("--baseline", "hf"), "transformers"), (("--plot", "p.png"), "matplotlib")],
+                         ids=["baseline", "plot"])
+def test_missing_optional_dependency_names_the_flag(monkeypatch, flag, package):
+    import benchmark
+    from llama.errors import UserError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == package else real_find_spec(name))
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "--random_weights", "llama3.2-1b", *flag])
+    named = "--baseline hf" if package == "transformers" else "--plot"
+    with pytest.raises(UserError, match=f"^{named} needs {package}: pip install {package}, or drop the flag$"):
+        benchmark.check_inputs(benchmark.parse_args())
