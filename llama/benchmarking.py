@@ -498,9 +498,10 @@ def append_csv(path: Path, rows: list[dict[str, object]]) -> None:
 
 
 def format_table(results: list[dict[str, object]]) -> str:
-    """The human-readable summary: medians, and the baseline beside ours with the ratio."""
+    """The human-readable summary: medians, and the baseline beside ours with the ratio of
+    decode tokens/s. Peak GB is the largest rank's (peak RSS on CPU: since the process began)."""
     header = ("dtype", "impl", "batch", "prompt", "gen", "prefill tok/s", "TTFT ms", "decode tok/s/seq",
-              "decode tok/s", "p50 ms", "p90 ms", "p99 ms", "GB/s", "% ceiling", "vs hf")
+              "decode tok/s", "p50 ms", "p90 ms", "p99 ms", "GB/s", "% ceiling", "peak GB", "vs hf")
     lines = [header]
     for r in results:
         for impl, figures in (("ours", r), ("hf", r.get("baseline"))):
@@ -516,6 +517,7 @@ def format_table(results: list[dict[str, object]]) -> str:
                 f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}",
                 f"{figures['roofline']['achieved_gb_per_s']:.1f}" if impl == "ours" else "",
                 f"{100 * figures['roofline']['fraction_of_ceiling']:.0f}%" if impl == "ours" else "",
+                f"{figures['peak_memory_bytes'] / 1e9:.2f}" if impl == "ours" else "",
                 f"{ratio:.2f}x" if ratio else "",
             ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
