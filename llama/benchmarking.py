@@ -28,7 +28,7 @@ from llama.distributed import Runtime, log
 from llama.errors import UserError
 from llama.generation import generate, single_row_kernels
 from llama.model import Transformer
-from llama.parallel import parallelize
+from llama.parallel import build_sharded
 
 # Exact hyper-parameters of Meta's params.json for each release (Llama 2 leaves vocab_size
 # to its 32000-token tokenizer). max_seq_len is the release's context length.
@@ -197,10 +197,7 @@ def random_model_args(shape: str, max_seq_len: int | None, max_batch_size: int, 
 def build_random_model(args: ModelArgs, runtime: Runtime, dtype: torch.dtype, seed: int = 0) -> Transformer:
     """A model of `args`' shape with random weights, built directly sharded: on the meta
     device, parallelized, then only each rank's local shard is allocated and filled."""
-    with torch.device("meta"):
-        model = Transformer(args).to(dtype)
-    parallelize(model, runtime.mesh)
-    model.to_empty(device=runtime.device)
+    model = build_sharded(args, runtime.mesh, runtime.device, dtype)
     generator = torch.Generator(device=runtime.device).manual_seed(seed + runtime.rank)
     for name, param in model.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param

@@ -22,7 +22,7 @@ from llama.args import ModelArgs
 from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
 from llama.model import Transformer
-from llama.parallel import parallelize
+from llama.parallel import build_sharded
 from llama.tokenizer import Tokenizer
 
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
@@ -199,10 +199,7 @@ def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:
 
 def load_parallel_model(ckpt_dir: Path, args: ModelArgs, runtime: Runtime, dtype: torch.dtype) -> Transformer:
     """Build on meta, shard over the mesh, allocate only local shards, read them from DCP."""
-    with torch.device("meta"):
-        model = Transformer(args).to(dtype)
-    parallelize(model, runtime.mesh)
-    model.to_empty(device=runtime.device)
+    model = build_sharded(args, runtime.mesh, runtime.device, dtype)
     dcp.load(model.state_dict(), checkpoint_id=ckpt_dir)
     return model.eval().requires_grad_(False)
 

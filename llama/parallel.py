@@ -96,3 +96,12 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
         block.attention.n_heads //= tp
         block.attention.n_kv_heads //= tp
     return model
+
+
+def build_sharded(args: ModelArgs, mesh: DeviceMesh, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A model whose weights are allocated, uninitialized, only for this rank's shards: built on
+    the meta device, parallelized, then materialized on `device`."""
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    parallelize(model, mesh)
+    return model.to_empty(device=device)

@@ -1,46 +1,19 @@
-"""The model against an independent implementation: transformers' LlamaForCausalLM."""
+"""The model against an independent implementation: transformers' LlamaForCausalLM, given the
+same weights through the mapping the benchmark's baseline uses."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from helpers import LLAMA2_TINY, LLAMA3_TINY, random_weights
 from llama.args import ModelArgs
+from llama.benchmarking import hf_config, hf_state_dict
 from llama.model import Transformer
 
 
 def hf_model(args: ModelArgs, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope |= {"rope_type": "llama3", "factor": args.rope_scaling_factor, "low_freq_factor": 1.0,
-                 "high_freq_factor": args.rope_high_freq_factor, "original_max_position_embeddings": 8192}
-    config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim, num_hidden_layers=args.n_layers,
-                         num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-                         vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_parameters=rope,
-                         max_position_embeddings=131072, tie_word_embeddings=False, attn_implementation="eager")
-    model = LlamaForCausalLM(config).eval()
-
-    def to_half_rotation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-        # Meta rotates interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x0,x_{d/2})...
-        rows, cols = w.shape
-        return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    hf_state = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-                "lm_head.weight": state["output.weight"]}
-    for i in range(args.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        hf_state |= {
-            q + "self_attn.q_proj.weight": to_half_rotation(state[p + "attention.wq.weight"], args.n_heads),
-            q + "self_attn.k_proj.weight": to_half_rotation(state[p + "attention.wk.weight"], args.n_kv_heads),
-            q + "self_attn.v_proj.weight": state[p + "attention.wv.weight"],
-            q + "self_attn.o_proj.weight": state[p + "attention.wo.weight"],
-            q + "mlp.gate_proj.weight": state[p + "feed_forward.w1.weight"],
-            q + "mlp.up_proj.weight": state[p + "feed_forward.w3.weight"],
-            q + "mlp.down_proj.weight": state[p + "feed_forward.w2.weight"],
-            q + "input_layernorm.weight": state[p + "attention_norm.weight"],
-            q + "post_attention_layernorm.weight": state[p + "ffn_norm.weight"],
-        }
-    model.load_state_dict(hf_state, strict=True)
+    model = LlamaForCausalLM(hf_config(args, torch.float32)).eval()
+    model.load_state_dict(hf_state_dict(state, args), strict=True)
     return model
 
 
