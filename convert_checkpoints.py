@@ -26,7 +26,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    runtime = init_runtime()
+    runtime = init_runtime(use_gpus=False)
     check_output_dir(args.save_checkpoint_dir, args.overwrite)
     ckpt = MetaCheckpoint(args.original_ckpt_dir, args.tokenizer_path, args.model_parallel_size,
                           max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)

@@ -62,11 +62,14 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     return t.item()
 
 
-def init_runtime() -> Runtime:
-    """Join (or form, when run without torchrun) the process group and build a 1-D mesh."""
+def init_runtime(use_gpus: bool = True) -> Runtime:
+    """Join (or form, when run without torchrun) the process group and build a 1-D mesh.
+
+    use_gpus=False keeps a job on the CPU with gloo even where GPUs are visible (checkpoint
+    conversion only moves bytes from disk to disk)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if use_gpus and torch.cuda.is_available():
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if local_world > torch.cuda.device_count():
             raise UserError(

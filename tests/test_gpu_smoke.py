@@ -1,4 +1,5 @@
-"""The whole pipeline with NCCL and bfloat16 on the GPUs present; skipped without GPUs."""
+"""The whole pipeline on the GPUs present: conversion (CPU by design), then generation with NCCL
+in bfloat16 at TP=1 and TP=2, and the demo; skipped without GPUs."""
 
 import json
 
