@@ -10,17 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
-from llama.chat import (CHAT_FORMATS, Dialog, chat_stop_ids, encode_dialogs, load_dialogs, resolve_chat_format,
-                        with_system)
+from llama.chat import CHAT_FORMATS, load_dialogs, resolve_chat_format
 from llama.checkpoint import DTYPES, load_converted
 from llama.demo import DEMO_PROMPTS, ensure_demo_checkpoint
-from llama.distributed import default_dtype, init_runtime, log, run_cli
+from llama.completion import complete_dialogs, complete_prompts
+from llama.distributed import default_dtype, init_runtime, run_cli
 from llama.errors import UserError
 from llama.generation import use_compiled_decode
 from llama.interactive import run_chat
-from llama.model import Transformer
-from llama.streaming import print_completions
-from llama.tokenizer import Tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,36 +83,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def complete_prompts(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, prompts: list[str],
-                     temperature: float) -> list[dict]:
-    prompt_tokens = [tokenizer.encode(p, bos=True) for p in prompts]
-    headers = [p if args.echo else f"> {p}\n" for p in prompts]
-    completions = print_completions(model, tokenizer, prompt_tokens, headers, args.max_gen_len, tokenizer.stop_ids,
-                                    temperature, args.top_p, args.seed, args.stream)
-    return [{"prompt": prompt, "prompt_tokens": tokens, "tokens": c.tokens, "logprobs": c.logprobs,
-             "text": tokenizer.decode(c.tokens)} for prompt, tokens, c in zip(prompts, prompt_tokens, completions)]
-
-
-def complete_dialogs(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, dialogs: list[Dialog],
-                     temperature: float) -> list[dict]:
-    chat_format = resolve_chat_format(tokenizer, args.chat_format)
-    dialogs = [with_system(d, args.system) for d in dialogs]
-    encoded = encode_dialogs(tokenizer, dialogs, chat_format, model.args.max_seq_len, model.args.max_batch_size)
-    refused = {i: reason for i, reason in enumerate(encoded) if isinstance(reason, str)}
-    for i, reason in refused.items():
-        log(f"dialog {i} refused: {reason}", end="\n\n")
-    sent = [i for i in range(len(dialogs)) if i not in refused]
-    headers = ["".join(f"{m['role']}: {m['content']}\n" for m in dialogs[i]) + "assistant: " for i in sent]
-    completions = dict(zip(sent, print_completions(model, tokenizer, [encoded[i] for i in sent], headers,
-                                                   args.max_gen_len, chat_stop_ids(tokenizer, chat_format),
-                                                   temperature, args.top_p, args.seed, args.stream)))
-    return [{"dialog": dialog, "prompt_tokens": [], "tokens": [], "logprobs": [], "text": "", "error": refused[i]}
-            if i in refused else
-            {"dialog": dialog, "prompt_tokens": encoded[i], "tokens": completions[i].tokens,
-             "logprobs": completions[i].logprobs, "text": tokenizer.decode(completions[i].tokens)}
-            for i, dialog in enumerate(dialogs)]
-
-
 def main() -> None:
     args = parse_args()
     check_modes(args)
@@ -140,10 +107,13 @@ def main() -> None:
         run_chat(model, tokenizer, resolve_chat_format(tokenizer, args.chat_format), runtime, args.max_gen_len,
                  temperature, args.top_p, args.seed, args.system)
         return
+    sampling = dict(max_gen_len=args.max_gen_len, temperature=temperature, top_p=args.top_p, seed=args.seed,
+                    stream=args.stream)
     if dialogs:
-        results = complete_dialogs(args, model, tokenizer, dialogs, temperature)
+        results = complete_dialogs(model, tokenizer, dialogs, resolve_chat_format(tokenizer, args.chat_format),
+                                   args.system, **sampling)
     else:
-        results = complete_prompts(args, model, tokenizer, prompts, temperature)
+        results = complete_prompts(model, tokenizer, prompts, args.echo, **sampling)
     if args.output_json and runtime.is_main:
         args.output_json.write_text(json.dumps({"results": results}, indent=2, ensure_ascii=False) + "\n")
 

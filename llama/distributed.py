@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from llama.errors import UserError
+
+# How long a rank other than 0 waits, after failing, for rank 0 to report the same error.
+OTHER_RANKS_ERROR_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,27 @@ def init_runtime(use_gpus: bool = True) -> Runtime:
     return Runtime(rank=dist.get_rank(), world_size=world_size, device=device, mesh=mesh)
 
 
+def _say_error_once(error: UserError) -> None:
+    """Print `error` once for the whole job. Every rank validates the same inputs, so all
+    usually fail together: rank 0 says it, and its exit makes torchrun end the others. A
+    rank that fails first must not exit before rank 0 has spoken (torchrun would kill rank 0
+    mid-way), so it waits; if it is still alive after that, the error was its own to say."""
+    rank = _rank()
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return
+    time.sleep(OTHER_RANKS_ERROR_GRACE_S)
+    print(f"error (rank {rank}): {error}", file=sys.stderr, flush=True)
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main: bad input becomes one line on rank 0 and exit status 1 on
-    every rank (each rank validates the same inputs, so none is left waiting); Ctrl-C
-    exits quietly with 130."""
+    """Run a script's main: bad input becomes one line on stderr and exit status 1 on every
+    rank; Ctrl-C exits quietly with 130."""
     code = 0
     try:
         main()
     except UserError as e:
-        log(f"error: {e}", file=sys.stderr)
+        _say_error_once(e)
         code = 1
     except KeyboardInterrupt:
         code = 130
