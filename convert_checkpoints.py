@@ -9,6 +9,7 @@ from pathlib import Path
 
 from llama.checkpoint import DTYPES, MetaCheckpoint, check_output_dir, convert
 from llama.distributed import init_runtime, log, run_cli
+from llama.errors import UserError
 
 
 def parse_args() -> argparse.Namespace:
@@ -26,6 +27,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    for flag in ("max_seq_len", "max_batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: use a positive number")
     runtime = init_runtime(use_gpus=False)
     check_output_dir(args.save_checkpoint_dir, args.overwrite)
     ckpt = MetaCheckpoint(args.original_ckpt_dir, args.tokenizer_path, args.model_parallel_size,

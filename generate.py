@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def check_modes(args: argparse.Namespace) -> None:
-    """Reject flags that the chosen mode would silently ignore."""
+    """Reject flags that the chosen mode would silently ignore, and values out of range."""
     if args.dialogs and args.interactive:
         raise UserError("--dialogs and --interactive are two different modes; pass one of them")
     chat = args.dialogs or args.interactive
@@ -62,6 +62,15 @@ def check_modes(args: argparse.Namespace) -> None:
         raise UserError("--system and --chat_format apply to --dialogs or --interactive only")
     if args.interactive and args.output_json:
         raise UserError("--output_json is not written in --interactive mode; use --dialogs to save replies")
+    if args.max_gen_len < 1:
+        raise UserError(f"--max_gen_len {args.max_gen_len}: generate at least 1 token")
+    if args.temperature is not None and args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: use 0 for greedy decoding or a positive value")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p {args.top_p}: use a value in (0, 1]")
+    for flag in ("max_seq_len", "max_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: use a positive number")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -71,7 +80,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise UserError(f"--prompt_file {args.prompt_file}: file not found")
         text = args.prompt_file.read_text()
         if args.prompt_file.suffix == ".json":
-            loaded = json.loads(text)
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--prompt_file {args.prompt_file}: not valid JSON ({e})") from None
             if not isinstance(loaded, list) or not all(isinstance(s, str) for s in loaded):
                 raise UserError(f"--prompt_file {args.prompt_file}: expected a JSON list of strings")
             prompts += loaded

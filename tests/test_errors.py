@@ -150,3 +150,19 @@ def test_more_prompts_than_batch(converted):
 
 def test_empty_prompt(converted):
     assert_clean_error(run_generate(converted, "--prompt", "Four", "--prompt", " "), "prompt 1 is empty")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--max_gen_len", "0"), "--max_gen_len 0"),
+    (("--temperature", "-1"), "--temperature -1.0"),
+    (("--top_p", "1.5"), "--top_p 1.5"),
+    (("--max_batch_size", "0"), "--max_batch_size 0"),
+])
+def test_out_of_range_flags(converted, flags, message):
+    assert_clean_error(run_generate(converted, "--prompt", "hi", *flags), message)
+
+
+def test_prompt_file_not_json(tmp_path, converted):
+    (tmp_path / "prompts.json").write_text("[\"unterminated")
+    result = run_generate(converted, "--prompt_file", tmp_path / "prompts.json")
+    assert_clean_error(result, "--prompt_file", "not valid JSON")
