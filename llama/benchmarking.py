@@ -28,7 +28,7 @@ from llama.distributed import Runtime, log
 from llama.errors import UserError
 from llama.generation import generate, single_row_kernels
 from llama.model import Transformer
-from llama.parallel import build_sharded
+from llama.parallel import build_sharded, local_kv_heads
 
 # Exact hyper-parameters of Meta's params.json for each release (Llama 2 leaves vocab_size
 # to its 32000-token tokenizer). max_seq_len is the release's context length.
@@ -107,12 +107,16 @@ def trial_metrics(trials: Sequence[Trial], batch_size: int, prompt_len: int) -> 
 # Roofline
 
 
+KV_AND_EMBEDDING = ("attention.wk.weight", "attention.wv.weight", "tok_embeddings.weight")
+
+
 def decode_bytes_per_step(args: ModelArgs, tp: int, batch_size: int, cache_len: int, element_size: int) -> int:
     """Bytes one decode step must read on one rank: every local weight except the embedding
     table (of which it reads one row per sequence) plus the whole static KV cache, which
     attention reads in full under its mask."""
-    weights = sum(math.prod(shape) for name, shape in args.weight_shapes().items()
-                  if name != "tok_embeddings.weight" and len(shape) == 2) // tp
+    kv_weights = 2 * args.n_layers * local_kv_heads(args.n_kv_heads, tp) * args.head_dim * args.dim
+    weights = kv_weights + sum(math.prod(shape) for name, shape in args.weight_shapes().items()
+                               if len(shape) == 2 and not name.endswith(KV_AND_EMBEDDING)) // tp
     norms = sum(shape[0] for shape in args.weight_shapes().values() if len(shape) == 1)
     embedding_rows = batch_size * args.dim // tp
     return element_size * (weights + norms + embedding_rows) + kv_cache_bytes(args, tp, batch_size, cache_len,
@@ -121,7 +125,7 @@ def decode_bytes_per_step(args: ModelArgs, tp: int, batch_size: int, cache_len: 
 
 def kv_cache_bytes(args: ModelArgs, tp: int, batch_size: int, cache_len: int, element_size: int) -> int:
     """Keys and values of every layer on one rank."""
-    return 2 * args.n_layers * batch_size * (args.n_kv_heads // tp) * cache_len * args.head_dim * element_size
+    return 2 * args.n_layers * batch_size * local_kv_heads(args.n_kv_heads, tp) * cache_len * args.head_dim * element_size
 
 
 def roofline(bytes_per_step: int, step_s: float, ceiling_bytes_per_s: float) -> dict[str, float]:

@@ -15,8 +15,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, distribute_module
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from llama.args import ModelArgs
 from llama.errors import UserError
@@ -68,33 +68,58 @@ BLOCK_PLAN = {
 }
 
 
+class KVHeadParallel(ParallelStyle):
+    """wk/wv when the TP degree exceeds the KV heads (Llama 3.1 405B, 8 KV heads, on 16 GPUs):
+    each KV head stays whole and is held by the tp // n_kv_heads consecutive ranks whose query
+    heads attend to it. The weight is a DTensor laid out Shard(0) x Replicate on a
+    (n_kv_heads, replicas) view of the mesh, so DCP still loads it from any checkpoint."""
+
+    def __init__(self, kv_mesh: DeviceMesh) -> None:
+        super().__init__()
+        self.kv_mesh = kv_mesh
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.weight = nn.Parameter(distribute_tensor(module.weight, self.kv_mesh, [Shard(0), Replicate()]))
+        module.forward = functools.partial(_local_linear, module)
+        return module
+
+
+def local_kv_heads(n_kv_heads: int, tp: int) -> int:
+    """KV heads each rank holds: a share of them, or one replicated head when tp > n_kv_heads."""
+    return max(1, n_kv_heads // tp)
+
+
 def check_tp_degree(args: ModelArgs, tp: int) -> None:
     """Fail early, with the numbers, if the model cannot be split `tp` ways."""
-    problems = [
-        f"{name} {value}"
-        for name, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads),
-                            ("FFN hidden size", args.ffn_hidden_dim))
-        if value % tp
-    ]
+    problems = [f"{name} {value}" for name, value in (("n_heads", args.n_heads), ("FFN hidden size", args.ffn_hidden_dim))
+                if value % tp]
+    if args.n_kv_heads % tp and tp % args.n_kv_heads:
+        problems.append(f"n_kv_heads {args.n_kv_heads} (nor is it a multiple of it)")
     if problems:
         raise UserError(
             f"tensor-parallel degree {tp} (--nproc_per_node x --nnodes) does not divide {', '.join(problems)}; "
-            f"use a degree that divides n_kv_heads={args.n_kv_heads}"
+            f"use a divisor or a multiple of n_kv_heads={args.n_kv_heads} that divides n_heads={args.n_heads}"
         )
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
     """Shard `model` (on any device, typically meta) over the 1-D `mesh` in place."""
     tp = mesh.size()
+    n_kv_heads = model.args.n_kv_heads
     check_tp_degree(model.args, tp)
     parallelize_module(model, mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "output": ColwiseParallel(output_layouts=Replicate()),
     })
+    plan = dict(BLOCK_PLAN)
+    if tp > n_kv_heads:
+        kv_mesh = DeviceMesh(mesh.device_type, mesh.mesh.view(n_kv_heads, tp // n_kv_heads),
+                             mesh_dim_names=("kv_head", "replica"))
+        plan["attention.wk"] = plan["attention.wv"] = KVHeadParallel(kv_mesh)
     for block in model.layers:
-        parallelize_module(block, mesh, BLOCK_PLAN)
+        parallelize_module(block, mesh, plan)
         block.attention.n_heads //= tp
-        block.attention.n_kv_heads //= tp
+        block.attention.n_kv_heads = local_kv_heads(n_kv_heads, tp)
     return model
 
 

@@ -16,7 +16,7 @@ def tp_logits(ckpt, out, nproc):
 
 @pytest.mark.parametrize("arch,layout,degrees", [
     (LLAMA2_TINY, "llama2", (2, 4)),
-    (LLAMA3_TINY, "llama3", (2,)),  # 2 kv heads: TP=4 does not divide them
+    (LLAMA3_TINY, "llama3", (2, 4)),  # 2 KV heads: at TP=4 each is held by 2 ranks
 ], ids=["llama2", "llama3"])
 def test_tp_logits_equal_tp1(tmp_path, small_sp_tokenizer, arch, layout, degrees):
     make_meta_checkpoint(tmp_path / "meta", small_sp_tokenizer, n_shards=2, llama2_layout=layout == "llama2", **arch)
