@@ -1,7 +1,7 @@
 """Meta fairscale shards -> Distributed Checkpoint (DCP), and DCP -> a sharded model.
 
 Conversion: every rank memory-maps all `consolidated.XX.pth` shards and assembles only its
-own rows (dim-0 slice) of each weight, which it hands to DCP as a DTensor. DCP stores
+own slice of each weight, which it hands to DCP as a DTensor. DCP stores
 chunks with their global offsets, so the result loads at any tensor-parallel degree.
 """
 
@@ -106,21 +106,22 @@ class MetaCheckpoint:
         raise UserError(f"{self.paths[0]}: {name} has shape {list(shapes[0])} in each of {len(shapes)} shard(s), "
                         f"which does not add up to {list(shape)} from params.json; is params.json from this model?")
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the merged weight, reading only those rows from the shards."""
+    def slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """[start, stop) along `dim` of the merged weight, reading only that part of the shards
+        and copying nothing when it is exactly one shard."""
         plan = self.plans[name]
         parts = [s[plan.source] for s in self.shards]
         if plan.dim is None:
-            return parts[0][start:stop]
-        if plan.dim > 0:
-            return torch.cat([p[start:stop] for p in parts], dim=plan.dim)
+            return parts[0].narrow(dim, start, stop - start)
+        if plan.dim != dim:
+            return torch.cat([p.narrow(dim, start, stop - start) for p in parts], dim=plan.dim)
         pieces, offset = [], 0
         for p in parts:
-            lo, hi = max(start, offset), min(stop, offset + p.shape[0])
+            lo, hi = max(start, offset), min(stop, offset + p.shape[dim])
             if lo < hi:
-                pieces.append(p[lo - offset:hi - offset])
-            offset += p.shape[0]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                pieces.append(p.narrow(dim, lo - offset, hi - lo))
+            offset += p.shape[dim]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 def _shard_paths(ckpt_dir: Path) -> list[Path]:
@@ -134,10 +135,10 @@ def _shard_paths(ckpt_dir: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _local_rows(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Row range of `rank` under DTensor's Shard(0), which splits like torch.chunk."""
-    chunk = -(-n_rows // world_size)
-    return min(rank * chunk, n_rows), min((rank + 1) * chunk, n_rows)
+def _local_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Index range of `rank` under DTensor's Shard(d), which splits like torch.chunk."""
+    chunk = -(-size // world_size)
+    return min(rank * chunk, size), min((rank + 1) * chunk, size)
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -163,11 +164,14 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
     state: dict[str, torch.Tensor] = {}
     for name, plan in ckpt.plans.items():
         if len(plan.shape) == 1:  # norms: tiny, kept whole on every rank (DCP writes one copy)
-            state[name] = ckpt.rows(name, 0, plan.shape[0]).to(torch_dtype)
+            state[name] = ckpt.slice(name, 0, 0, plan.shape[0]).to(torch_dtype)
             continue
-        lo, hi = _local_rows(plan.shape[0], runtime.rank, runtime.world_size)
-        local = ckpt.rows(name, lo, hi).to(torch_dtype).contiguous()
-        state[name] = DTensor.from_local(local, runtime.mesh, [Shard(0)], shape=torch.Size(plan.shape),
+        # Split the way Meta did, so that converting on as many ranks as there are shards
+        # hands each shard's memory-mapped tensor to DCP as it is, without a copy.
+        dim = plan.dim or 0
+        lo, hi = _local_range(plan.shape[dim], runtime.rank, runtime.world_size)
+        local = ckpt.slice(name, dim, lo, hi).to(torch_dtype).contiguous()
+        state[name] = DTensor.from_local(local, runtime.mesh, [Shard(dim)], shape=torch.Size(plan.shape),
                                          stride=torch.empty(plan.shape, device="meta").stride())
     dcp.save(state, checkpoint_id=staging)
 
