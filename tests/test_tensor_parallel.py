@@ -36,6 +36,7 @@ def stored_weights(ckpt_dir) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP says so even with no_dist=True
 @pytest.mark.parametrize("layout", ["llama2", "llama3-tied"])
 def test_convert_any_world_size_same_weights_and_tokens(tmp_path, small_sp_tokenizer, layout):
     """2 Meta shards converted on 1 and on 2 ranks, then served at TP=1 and TP=2."""
