@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llama.args import ModelArgs
-from llama.distributed import Runtime, log
+from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
 from llama.generation import generate, single_row_kernels
 from llama.model import Transformer
@@ -135,13 +134,6 @@ def roofline(bytes_per_step: int, step_s: float, ceiling_bytes_per_s: float) -> 
             "fraction_of_ceiling": achieved / ceiling_bytes_per_s}
 
 
-def _slowest(seconds: float) -> float:
-    """The largest of every rank's `seconds`: the time the whole TP group took."""
-    t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def _time_on_all_ranks(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
     """Seconds per call of `fn` run simultaneously on every rank (the slowest rank counts)."""
     times = []
@@ -151,8 +143,8 @@ def _time_on_all_ranks(fn: Callable[[], object], device: torch.device, repeats: 
         start = time.perf_counter()
         fn()
         _synchronize(device)
-        times.append(_slowest(time.perf_counter() - start))
-    return times[1:]
+        times.append(time.perf_counter() - start)
+    return max_over_ranks(times, device)[1:]  # the slowest rank's time is the group's
 
 
 def _synchronize(device: torch.device) -> None:
@@ -236,7 +228,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             return {"max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
                     "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
-        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {"peak_rss_bytes": peak_rss_bytes()}
 
 
 def gather_per_rank(value: dict[str, int]) -> list[dict[str, int]]:
@@ -270,8 +262,8 @@ def time_generate(model: Transformer, prompts: list[list[int]], gen_len: int) ->
     start = time.perf_counter()
     generate(model, prompts, gen_len, stop_ids=frozenset(), temperature=0.0,
              on_tokens=lambda _: stamps.append(time.perf_counter()))
-    ttft = _slowest(stamps[0] - start)
-    steps = [_slowest(b - a) for a, b in zip(stamps, stamps[1:])]
+    ttft, *steps = max_over_ranks([stamps[0] - start] + [b - a for a, b in zip(stamps, stamps[1:])],
+                                   model.output.weight.device)  # the slowest rank's times are the group's
     return Trial(ttft, steps)
 
 
@@ -382,14 +374,6 @@ def _broadcast(trials: list[Trial]) -> list[Trial]:
 
 # ---------------------------------------------------------------------------------------
 # The transformers baseline
-
-
-def hf_available() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

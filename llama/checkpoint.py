@@ -183,7 +183,7 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
             shutil.rmtree(out_dir)
         out_dir.unlink(missing_ok=True)
         staging.rename(out_dir)
-    peak = max_over_ranks(peak_rss_bytes(), runtime.device)
+    [peak] = max_over_ranks([peak_rss_bytes()], runtime.device)
     log(f"converted {len(ckpt.plans)} tensors in {time.perf_counter() - start:.1f}s -> {out_dir} "
         f"(peak memory per rank {peak / 2**30:.2f} GiB)")
 

@@ -10,7 +10,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +59,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def max_over_ranks(value: float, device: torch.device) -> float:
-    """The largest `value` any rank holds (a collective: every rank must call it)."""
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def max_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    """Element by element, the largest of every rank's `values`, in one collective that
+    every rank must join (`device` must suit the backend: a GPU for NCCL)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist()
 
 
 def init_runtime(use_gpus: bool = True) -> Runtime:
