@@ -7,8 +7,8 @@
 import argparse
 from pathlib import Path
 
-from llama.checkpoint import DTYPES, MetaCheckpoint, check_output_dir, convert
-from llama.distributed import init_runtime, log, run_cli
+from llama.checkpoint import DTYPES, MetaCheckpoint, convert
+from llama.distributed import init_runtime, run_cli
 from llama.errors import UserError
 
 
@@ -31,11 +31,8 @@ def main() -> None:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: use a positive number")
     runtime = init_runtime(use_gpus=False)
-    check_output_dir(args.save_checkpoint_dir, args.overwrite)
     ckpt = MetaCheckpoint(args.original_ckpt_dir, args.tokenizer_path, args.model_parallel_size,
                           max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
-    log(f"{args.original_ckpt_dir}: {len(ckpt.paths)} shard(s), {ckpt.args.n_layers} layers, dim {ckpt.args.dim}, "
-        f"vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
     convert(ckpt, args.save_checkpoint_dir, runtime, args.dtype, args.overwrite)
 
 

@@ -141,18 +141,16 @@ def _local_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
     return min(rank * chunk, size), min((rank + 1) * chunk, size)
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise UserError(f"--save_checkpoint_dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
-
-
 def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, overwrite: bool) -> None:
     """Write `ckpt` as a DCP checkpoint plus model_args.json and tokenizer.model in `out_dir`.
 
     All of it is written to a sibling `.partial` directory that is renamed into place at
     the end, so `out_dir` is either the whole checkpoint or untouched."""
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise UserError(f"--save_checkpoint_dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
+    log(f"{ckpt.dir}: {len(ckpt.paths)} shard(s), {ckpt.args.n_layers} layers, dim {ckpt.args.dim}, "
+        f"vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
     staging = out_dir.with_name(out_dir.name + ".partial")
     if runtime.is_main:
         shutil.rmtree(staging, ignore_errors=True)
