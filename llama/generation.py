@@ -112,7 +112,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: in
     logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     completions = [Completion([], []) for _ in prompt_tokens]
-    done = [max_gen_len <= 0 or n >= total_len for n in lengths]
+    done = [max_gen_len <= 0] * len(prompt_tokens)  # the loop itself ends at total_len
 
     compiled = model in _COMPILED_DECODE
     decode_step = functools.partial(_compiled_forward(device.type), model) if compiled else model
@@ -135,7 +135,7 @@ def generate(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: in
                 step[i], done[i] = None, True
                 continue
             completions[i].tokens.append(t)
-            done[i] = len(completions[i].tokens) >= max_gen_len or cur + 1 >= total_len
+            done[i] = len(completions[i].tokens) >= max_gen_len
         if on_tokens:
             on_tokens(step)
         if all(done):
