@@ -24,11 +24,19 @@ def our_model(args: ModelArgs, state: dict[str, torch.Tensor], batch: int) -> Tr
     return model
 
 
-@pytest.mark.parametrize("arch", [LLAMA2_TINY, LLAMA3_TINY], ids=["llama2", "llama3.1"])
-def test_logits_match_transformers(arch):
+def random_case(arch: dict, seed: int, batch: int, length: int) -> tuple[ModelArgs, dict, torch.Tensor]:
+    """Model args, random weights and random token ids for one comparison."""
     args = ModelArgs(**arch, vocab_size=300)
-    state = random_weights(args, seed=1)
-    tokens = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return args, random_weights(args, seed=seed), tokens
+
+
+BOTH_FAMILIES = pytest.mark.parametrize("arch", [LLAMA2_TINY, LLAMA3_TINY], ids=["llama2", "llama3.1"])
+
+
+@BOTH_FAMILIES
+def test_logits_match_transformers(arch):
+    args, state, tokens = random_case(arch, seed=1, batch=2, length=40)
     with torch.no_grad():
         expected = hf_model(args, state)(tokens).logits
         ours = our_model(args, state, 2)(tokens, torch.arange(40), all_logits=True)
@@ -36,12 +44,10 @@ def test_logits_match_transformers(arch):
     assert expected.std() > 1.0, "random weights this flat would hide a mismatch"
 
 
-@pytest.mark.parametrize("arch", [LLAMA2_TINY, LLAMA3_TINY], ids=["llama2", "llama3.1"])
+@BOTH_FAMILIES
 def test_cached_decode_matches_full_forward(arch):
     """Prefill then one token at a time through the KV cache = one pass over the whole sequence."""
-    args = ModelArgs(**arch, vocab_size=300)
-    state = random_weights(args, seed=2)
-    tokens = torch.randint(0, args.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    args, state, tokens = random_case(arch, seed=2, batch=3, length=24)
     with torch.no_grad():
         full = our_model(args, state, 3)(tokens, torch.arange(24), all_logits=True)
         model = our_model(args, state, 3)
