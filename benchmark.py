@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from llama import benchmarking as bench
 from llama.args import ModelArgs
-from llama.checkpoint import DTYPES, load_converted
-from llama.distributed import Runtime, default_dtype, init_runtime, log, run_cli
+from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
+from llama.distributed import Runtime, init_runtime, log, run_cli
 from llama.errors import UserError
 from llama.generation import use_compiled_decode
 from llama.model import Transformer
@@ -37,8 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch_size", default="1", help="comma-separated sweep, e.g. 1,4,8 (default 1)")
     p.add_argument("--prompt_len", default="128", help="comma-separated sweep of prompt tokens (default 128)")
     p.add_argument("--gen_len", default="128", help="comma-separated sweep of generated tokens (default 128)")
-    p.add_argument("--dtype", help=f"comma-separated sweep of {', '.join(DTYPES)} (default: the project's default "
-                                   "for the device)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"comma-separated sweep of {', '.join(DTYPES)} "
+                   f"(default: {DEFAULT_DTYPE})")
     p.add_argument("--trials", type=int, default=3, help="timed runs per configuration (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -76,9 +76,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError("--plot needs matplotlib: pip install matplotlib, or drop the flag")
 
 
-def dtypes(args: argparse.Namespace, runtime: Runtime) -> list[str]:
-    if not args.dtype:
-        return [next(name for name, dt in DTYPES.items() if dt == default_dtype(runtime.device))]
+def dtypes(args: argparse.Namespace) -> list[str]:
     names = args.dtype.split(",")
     unknown = [n for n in names if n not in DTYPES]
     if unknown:
@@ -119,7 +117,7 @@ def main() -> None:
     configs = [bench.Config(b, p, g) for b, p, g in itertools.product(
         int_list("batch_size", args.batch_size, 1), int_list("prompt_len", args.prompt_len, 1),
         int_list("gen_len", args.gen_len, 2))]
-    dtype_names = dtypes(args, runtime)
+    dtype_names = dtypes(args)
     if args.compile:  # one compiled decode step per model and configuration must stay cached
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                    len(configs) * len(dtype_names) + 1)

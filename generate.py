@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from llama.chat import CHAT_FORMATS, load_dialogs, resolve_chat_format
-from llama.checkpoint import DTYPES, load_converted
+from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
 from llama.demo import DEMO_PROMPTS, ensure_demo_checkpoint
 from llama.completion import complete_dialogs, complete_prompts
-from llama.distributed import default_dtype, init_runtime, run_cli
+from llama.distributed import init_runtime, run_cli
 from llama.errors import UserError
 from llama.generation import use_compiled_decode
 from llama.interactive import run_chat
@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, help="0 is greedy (default 0.6; 0 with --demo)")
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--max_seq_len", type=int, help="override model_args.json")
     p.add_argument("--max_batch_size", type=int, help="override model_args.json")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster tokens)")
@@ -109,7 +109,7 @@ def main() -> None:
         prompts = prompts if prompts or chat else DEMO_PROMPTS
         args.temperature = 0.0 if args.temperature is None else args.temperature
     temperature = 0.6 if args.temperature is None else args.temperature
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(runtime.device)
+    dtype = DTYPES[args.dtype]
 
     model, tokenizer = load_converted(args.converted_ckpt_dir, runtime, dtype, args.model_args, args.tokenizer_path,
                                       args.max_seq_len, args.max_batch_size)

@@ -45,15 +45,6 @@ def log(*parts: object, **print_kwargs: object) -> None:
         print(*parts, **print_kwargs, flush=True)
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 everywhere. On CPU it was measured against fp16 (AMD EPYC, 2 cores, llama3.2-1b
-    shape): with oneDNN bypassed for one-row products (generation.single_row_kernels) a bf16
-    decode step takes as long as an fp16 one (61 vs 56 ms), while fp16 matrix-matrix products,
-    all of prefill, run about 7x slower than bf16 (19 vs 134 GFLOP/s at 128 rows); bf16 also
-    has fp32's range, so no activation can overflow."""
-    return torch.bfloat16
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
