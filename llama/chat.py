@@ -127,8 +127,8 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, chat_format: ChatFormat)
     return _encode_llama3(tokenizer, dialog)
 
 
-def encode_dialogs(tokenizer: Tokenizer, dialogs: list[Dialog], chat_format: ChatFormat, max_seq_len: int,
-                   max_batch_size: int) -> list[list[int] | str]:
+def encode_dialogs(tokenizer: Tokenizer, dialogs: list[Dialog], chat_format: ChatFormat,
+                   max_seq_len: int) -> list[list[int] | str]:
     """Each dialog's prompt tokens, or the reason it is refused (the others still run)."""
     encoded: list[list[int] | str] = []
     for i, dialog in enumerate(dialogs):
@@ -141,10 +141,6 @@ def encode_dialogs(tokenizer: Tokenizer, dialogs: list[Dialog], chat_format: Cha
             raise UserError(f"dialog {i} has {len(tokens)} prompt tokens, at least max_seq_len {max_seq_len}; "
                             "shorten it or raise --max_seq_len")
         encoded.append(tokens)
-    sent = sum(not isinstance(e, str) for e in encoded)
-    if sent > max_batch_size:
-        raise UserError(f"{sent} dialogs exceed max_batch_size {max_batch_size}; pass fewer dialogs or raise "
-                        "--max_batch_size")
     return encoded
 
 

@@ -26,7 +26,7 @@ def complete_dialogs(model: Transformer, tokenizer: Tokenizer, dialogs: list[Dia
     """Reply to each dialog; a refused dialog (Llama 2 control tags in a message) gets an
     "error" record and the others still run."""
     dialogs = [with_system(d, system) for d in dialogs]
-    encoded = encode_dialogs(tokenizer, dialogs, chat_format, model.args.max_seq_len, model.args.max_batch_size)
+    encoded = encode_dialogs(tokenizer, dialogs, chat_format, model.args.max_seq_len)
     refused = {i: reason for i, reason in enumerate(encoded) if isinstance(reason, str)}
     for i, reason in refused.items():
         log(f"dialog {i} refused: {reason}", end="\n\n")

@@ -60,13 +60,11 @@ def train_model(tokens: list[int], args: ModelArgs, steps: int = TRAIN_STEPS) ->
     bos = torch.full((TRAIN_BATCH, 1), tokens[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    positions = torch.arange(TRAIN_WINDOW)
     for step in range(steps):
         # Every other step starts at the beginning, so the opening is learned with its true context.
         starts = torch.randint(0, len(text) - TRAIN_WINDOW, (TRAIN_BATCH,)) * (step % 2)
         windows = torch.cat([bos, torch.stack([text[s:s + TRAIN_WINDOW] for s in starts])], dim=1)
-        model.setup_caches(TRAIN_BATCH, TRAIN_WINDOW)  # fresh caches: autograd must not chain steps
-        logits = model(windows[:, :-1], positions, all_logits=True)
+        logits = model(windows[:, :-1], all_logits=True)  # no KV cache: nothing chains the steps
         loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()

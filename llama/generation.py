@@ -1,74 +1,119 @@
-"""Batched autoregressive decoding with Meta's semantics.
+"""The decoding engine: continuous batching over a static KV cache, with Meta's semantics.
 
-Prompts of different lengths share positions: the batch is prefilled up to the shortest
-prompt, then advanced one position at a time, taking the prompt's own token wherever a
-sequence is still inside its prompt. Every rank computes the same replicated logits and
-samples with an identically seeded generator, so all ranks pick the same tokens.
+Each request owns one row ("slot") of the KV cache for its lifetime. A step admits waiting
+requests into free slots (each prompt is prefilled on its own, from position 0, and its first
+token sampled), then advances every other running sequence by one token in a single decode
+step over all slots, each at its own position. Finished or cancelled requests free their slot
+at once. The decode step always covers every slot, so its shapes never change: it compiles
+once (one CUDA graph on GPU), and a row's result never depends on what the other rows hold.
+
+Every rank runs the same schedule on the same replicated logits and samples with the same
+per-request seeded generator, so all ranks pick the same tokens. generate(), the chat, the
+benchmark and the server all drive this one engine; they differ only in where requests come
+from and what they do with the per-token events.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from llama.errors import UserError
 from llama.model import Transformer
 
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6  # 0 is greedy
+    top_p: float = 0.9
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step did for one request: a new token (None when the step only ended it, at
+    a stop id or a cancellation) and, once it is over, why it finished."""
+
+    request_id: int
+    token: int | None
+    logprob: float | None  # of the token, before temperature
+    finish_reason: str | None = None
+
 
 @dataclass
 class Completion:
     tokens: list[int]  # generated ids only, without the stop token
     logprobs: list[float]  # log-probability of each generated token before temperature
+    finish_reason: str | None = None
 
 
-def check_prompts(prompt_tokens: list[list[int]], max_seq_len: int, max_batch_size: int) -> None:
-    if not prompt_tokens:
-        raise UserError("no prompt given; pass --prompt TEXT or --prompt_file FILE")
-    if len(prompt_tokens) > max_batch_size:
-        raise UserError(f"{len(prompt_tokens)} prompts exceed max_batch_size {max_batch_size}; pass fewer prompts "
-                        "or raise --max_batch_size")
-    for i, tokens in enumerate(prompt_tokens):
-        if len(tokens) >= max_seq_len:
-            raise UserError(f"prompt {i} has {len(tokens)} tokens, at least max_seq_len {max_seq_len}; shorten it "
-                            "or raise --max_seq_len")
+def check_prompt(tokens: list[int], max_seq_len: int, what: str = "prompt") -> None:
+    if not tokens:
+        raise UserError(f"{what} is empty; give some text to complete")
+    if len(tokens) >= max_seq_len:
+        raise UserError(f"{what} has {len(tokens)} tokens, at least max_seq_len {max_seq_len}; shorten it "
+                        "or raise --max_seq_len")
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Greedy at temperature 0, otherwise nucleus (top-p) sampling. logits: (batch, vocab)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
+                sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token and its log-probability (before temperature). logits (rows, vocab).
+
+    A row with temperature 0 is greedy; the others draw from the top-p nucleus of the
+    tempered distribution (Meta's rule: keep the most likely tokens until the mass before
+    them exceeds top_p) by inverting its cumulative sum at the row's `uniform` draw in [0, 1).
+    With sampling=False every row is greedy and the sort is skipped."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    if sampling:
+        probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        kept = sorted_probs.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None], 0.0)
+        mass = kept.cumsum(dim=-1)
+        index = (mass <= uniform[:, None] * mass[:, -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+        sampled = order.gather(-1, index[:, None]).squeeze(-1)
+        tokens = torch.where(temperature > 0, sampled, tokens)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _forward(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    return model(tokens, input_pos)
+def _decode_and_sample(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor,
+                       top_p: torch.Tensor, uniform: torch.Tensor, sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return sample_rows(model.decode(tokens, positions), temperature, top_p, uniform, sampling)
 
 
 @functools.cache
-def _compiled_forward(device_type: str) -> Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor]:
+def _compiled_decode(device_type: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     mode = "reduce-overhead" if device_type == "cuda" else "default"
-    return torch.compile(_forward, mode=mode, fullgraph=True, dynamic=False)
+    return torch.compile(_decode_and_sample, mode=mode, fullgraph=True, dynamic=False)
 
 
-# Models whose decode steps generate() runs compiled (see use_compiled_decode).
+# Models whose decode steps run compiled (see use_compiled_decode).
 _COMPILED_DECODE: weakref.WeakSet[Transformer] = weakref.WeakSet()
 
 
 def use_compiled_decode(model: Transformer) -> None:
-    """Run `model`'s one-token decode steps through torch.compile in every later generate()
-    (prefill stays eager). The step has fixed shapes ((batch, 1) tokens against a static
-    cache), so it compiles once per batch size and cache length, on the first call that
-    needs it, not once per token. CUDA graphs on GPU; inductor's C++ kernels on CPU."""
+    """Run `model`'s decode steps (forward and sampling) through torch.compile in every
+    engine from now on; prefill stays eager. The step has fixed shapes (every cache slot,
+    one token each, against the static cache), so it compiles once per process (twice if
+    both greedy and sampled requests come), not once per token or per request. CUDA graphs
+    on GPU; inductor's C++ kernels on CPU."""
     _COMPILED_DECODE.add(model)
 
 
@@ -90,58 +135,155 @@ def single_row_kernels(device: torch.device) -> Iterator[None]:
         torch.backends.mkldnn.enabled = enabled
 
 
-@torch.inference_mode()
+@dataclass(eq=False)
+class _Sequence:
+    """A running request in its cache slot."""
+
+    request: Request
+    slot: int
+    generator: torch.Generator
+    last_token: int = -1
+    generated: int = 0
+
+    @property
+    def position(self) -> int:
+        """Where the last token goes in the next decode step."""
+        return len(self.request.prompt) + self.generated - 1
+
+
+@dataclass
+class Engine:
+    """Continuous batching of requests over `model`'s cache slots. Every rank must hold an
+    engine fed with the same requests and cancellations in the same order."""
+
+    model: Transformer
+    slots: int
+    waiting: collections.deque[Request] = field(default_factory=collections.deque)
+
+    def __post_init__(self) -> None:
+        self.model.setup_caches(self.slots)
+        self.device = self.model.output.weight.device
+        self.running: list[_Sequence | None] = [None] * self.slots
+        step = _compiled_decode(self.device.type) if self.model in _COMPILED_DECODE else _decode_and_sample
+        self._step = functools.partial(step, self.model)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(self.running)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.running)
+
+    def submit(self, request: Request) -> None:
+        check_prompt(request.prompt, self.model.args.max_seq_len, f"request {request.id}")
+        self.waiting.append(request)
+
+    def cancel(self, request_id: int) -> TokenEvent | None:
+        """Drop a waiting or running request now; its slot is free for the next step."""
+        for request in self.waiting:
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return TokenEvent(request_id, None, None, FINISH_CANCELLED)
+        for i, seq in enumerate(self.running):
+            if seq is not None and seq.request.id == request_id:
+                self.running[i] = None
+                return TokenEvent(request_id, None, None, FINISH_CANCELLED)
+        return None
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Admit what fits, then give every other running sequence one more token."""
+        decoding = [s for s in self.running if s is not None]
+        events = []
+        while self.waiting and None in self.running:
+            events.append(self._admit(self.waiting.popleft(), self.running.index(None)))
+        if decoding:
+            events += self._decode(decoding)
+        return events
+
+    def _admit(self, request: Request, slot: int) -> TokenEvent:
+        seq = _Sequence(request, slot, torch.Generator().manual_seed(request.sampling.seed))
+        self.running[slot] = seq
+        prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
+        logits = self.model(prompt, cache_rows=torch.tensor([slot], device=self.device))[:, -1]
+        params = self._sampling_tensors([seq])
+        tokens, logprobs = sample_rows(logits, *params, sampling=request.sampling.temperature > 0)
+        return self._advance(seq, int(tokens.item()), float(logprobs.item()))
+
+    def _decode(self, decoding: list[_Sequence]) -> list[TokenEvent]:
+        rows = self.running
+        # A free slot computes a dummy token at position 0 of its own row, which the next
+        # prompt's prefill overwrites. A sequence admitted in this step re-feeds its first
+        # token at its position, writing the same keys and values the next step will write.
+        tokens = [0 if s is None else s.last_token for s in rows]
+        positions = [0 if s is None else s.position for s in rows]
+        inputs = torch.tensor([tokens, positions], dtype=torch.long).to(self.device)
+        sampling = any(s.request.sampling.temperature > 0 for s in decoding)
+        params = self._sampling_tensors([s if s in decoding else None for s in rows])
+        kernels = single_row_kernels(self.device) if self.slots == 1 else contextlib.nullcontext()
+        with kernels:
+            next_tokens, logprobs = self._step(inputs[0], inputs[1], *params, sampling)
+        # One transfer brings both back (token ids are exact in float64).
+        chosen, chosen_logprobs = torch.stack((next_tokens.double(), logprobs.double())).tolist()
+        return [self._advance(s, int(chosen[s.slot]), chosen_logprobs[s.slot]) for s in decoding]
+
+    def _sampling_tensors(self, rows: list[_Sequence | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Temperature, top_p and a uniform draw per row: drawn from the row's own generator
+        only when it samples, so a request's draws do not depend on its neighbours."""
+        values = []
+        for seq in rows:
+            params = seq.request.sampling if seq is not None else SamplingParams(temperature=0.0)
+            draw = torch.rand((), generator=seq.generator).item() if params.temperature > 0 else 0.0
+            values.append((params.temperature, params.top_p, draw))
+        temperature, top_p, uniform = torch.tensor(values, dtype=torch.float32).T.to(self.device)
+        return temperature, top_p, uniform
+
+    def _advance(self, seq: _Sequence, token: int, logprob: float) -> TokenEvent:
+        request = seq.request
+        if token in request.stop_ids:
+            self.running[seq.slot] = None
+            return TokenEvent(request.id, None, None, FINISH_STOP)
+        seq.last_token = token
+        seq.generated += 1
+        full = len(request.prompt) + seq.generated >= self.model.args.max_seq_len
+        if seq.generated >= request.max_new_tokens or full:
+            self.running[seq.slot] = None
+            return TokenEvent(request.id, token, logprob, FINISH_LENGTH)
+        return TokenEvent(request.id, token, logprob)
+
+
+def check_prompts(prompt_tokens: list[list[int]], max_seq_len: int) -> None:
+    if not prompt_tokens:
+        raise UserError("no prompt given; pass --prompt TEXT or --prompt_file FILE")
+    for i, tokens in enumerate(prompt_tokens):
+        check_prompt(tokens, max_seq_len, f"prompt {i}")
+
+
 def generate(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, stop_ids: frozenset[int],
              temperature: float = 0.6, top_p: float = 0.9, seed: int = 1,
              on_tokens: Callable[[list[int | None]], None] | None = None) -> list[Completion]:
     """Complete each prompt with up to `max_gen_len` tokens, stopping early at a stop id.
+    Up to max_batch_size prompts run at once; the rest wait for a free slot.
 
-    on_tokens, if given, is called after every step with the token each sequence just
-    generated (None for a sequence still in its prompt or already finished): for streaming."""
-    args = model.args
-    check_prompts(prompt_tokens, args.max_seq_len, args.max_batch_size)
-    device = model.output.weight.device
-    lengths = [len(t) for t in prompt_tokens]
-    total_len = min(args.max_seq_len, max_gen_len + max(lengths))
-    model.setup_caches(len(prompt_tokens), total_len)
-
-    tokens = torch.full((len(prompt_tokens), total_len), -1, dtype=torch.long, device=device)
-    for i, t in enumerate(prompt_tokens):
-        tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-    in_prompt = tokens != -1
-    logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    on_tokens, if given, is called after every step with the token each prompt just got
+    (None for a prompt waiting, finished, or ended by a stop id in this step): for
+    streaming. Every rank must call generate() with the same arguments."""
+    check_prompts(prompt_tokens, model.args.max_seq_len)
+    engine = Engine(model, min(len(prompt_tokens), model.args.max_batch_size))
+    sampling = SamplingParams(temperature, top_p, seed)
+    for i, tokens in enumerate(prompt_tokens):
+        engine.submit(Request(i, tokens, max_gen_len, stop_ids, sampling))
     completions = [Completion([], []) for _ in prompt_tokens]
-    done = [max_gen_len <= 0] * len(prompt_tokens)  # the loop itself ends at total_len
-
-    compiled = model in _COMPILED_DECODE
-    decode_step = functools.partial(_compiled_forward(device.type), model) if compiled else model
-    prev = 0
-    for cur in range(min(lengths), total_len):
-        one_token = cur - prev == 1
-        forward = decode_step if one_token else model
-        kernels = single_row_kernels(device) if one_token and len(prompt_tokens) == 1 else contextlib.nullcontext()
-        with kernels:
-            logits = forward(tokens[:, prev:cur], torch.arange(prev, cur, device=device))[:, -1]
-        next_token = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
-        tokens[:, cur] = next_token
-        logprobs[:, cur] = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
-        prev = cur
-        step = [None if done[i] or cur < n else t for i, (n, t) in enumerate(zip(lengths, next_token.tolist()))]
-        for i, t in enumerate(step):
-            if t is None:
-                continue
-            if t in stop_ids:
-                step[i], done[i] = None, True
-                continue
-            completions[i].tokens.append(t)
-            done[i] = len(completions[i].tokens) >= max_gen_len
+    while engine.busy:
+        step: list[int | None] = [None] * len(prompt_tokens)
+        for event in engine.step():
+            completion = completions[event.request_id]
+            if event.token is not None:
+                completion.tokens.append(event.token)
+                completion.logprobs.append(event.logprob)
+                step[event.request_id] = event.token
+            completion.finish_reason = event.finish_reason
         if on_tokens:
             on_tokens(step)
-        if all(done):
-            break
-
-    for i, completion in enumerate(completions):
-        start = lengths[i]
-        completion.logprobs = logprobs[i, start:start + len(completion.tokens)].tolist()
     return completions

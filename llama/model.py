@@ -53,46 +53,50 @@ def _scale_llama31(freqs: torch.Tensor, factor: float, high_freq_factor: float) 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) like Meta's complex multiplication, in float32.
 
-    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim // 2).
+    x: (batch, seq, heads, head_dim); cos, sin: (batch or 1, seq, head_dim // 2).
     """
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of a single query position (a decode step) against the whole cache, in float32.
+    """Attention of one query per sequence (a decode step) against its whole cache row.
 
-    q: (batch, heads, 1, head_dim); k, v: (batch, kv_heads, seq, head_dim); mask: (1, 1, 1, seq).
-    On CPU, scaled_dot_product_attention takes 10-20x longer than these three small products for
-    one query (measured: 1 ms vs 0.08 ms a layer at a 256-token cache, 80 ms vs 3 ms at batch 8
-    and 1152 tokens), which made attention a sizeable part of a decode step."""
+    q: (batch, heads, 1, head_dim); k, v: (batch, kv_heads, seq, head_dim); mask: (batch, 1, 1, seq).
+    Query heads are grouped under the key/value head they share, so grouped-query attention
+    reads each cached head once, as a batched matrix product, instead of repeating K/V per
+    query head (what scaled_dot_product_attention's math fallback does when given a mask).
+    On CPU the products run in float32: scaled_dot_product_attention took 10-20x longer for
+    one query (measured: 1 ms vs 0.08 ms a layer at a 256-token cache) and bf16 batched
+    products are slow there. On GPU they stay in the cache's dtype with a float32 softmax."""
     bsz, n_heads, _, head_dim = q.shape
     n_kv_heads = k.shape[1]
-    # Query heads grouped under the key/value head they share (grouped-query attention).
-    grouped = q.float().view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)
-    scores = grouped @ k.float().transpose(-1, -2) * head_dim**-0.5
+    compute = torch.float32 if q.device.type == "cpu" else q.dtype
+    grouped = q.to(compute).view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)
+    scores = (grouped @ k.to(compute).transpose(-1, -2)).float() * head_dim**-0.5
     scores = torch.where(mask, scores, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v.float()
+    out = torch.softmax(scores, dim=-1).to(compute) @ v.to(compute)
     return out.view(bsz, n_heads, 1, head_dim).type_as(q)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, (batch, kv_heads, seq, head_dim), written in place."""
+    """Preallocated keys and values, (rows, kv_heads, max_seq_len, head_dim), written in place.
+    Each row holds one sequence (a batch slot), at its own positions."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype,
+    def __init__(self, rows: int, n_kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
-        shape = (batch_size, n_kv_heads, seq_len, head_dim)
+        shape = (rows, n_kv_heads, seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """rows: (batch,); positions: (batch, seq); k, v: (batch, seq, kv_heads, head_dim)."""
+        self.k[rows[:, None], :, positions] = k
+        self.v[rows[:, None], :, positions] = v
 
 
 class Attention(nn.Module):
@@ -108,19 +112,26 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor | None) -> torch.Tensor:
+        """With `rows`, x is whole sequences from position 0 (prefill), written to those cache
+        rows; without, x is one token per cache row at `positions` (a decode step)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        decoding = rows is None
+        if self.kv_cache is not None:
+            self.kv_cache.write(torch.arange(bsz, device=x.device) if decoding else rows, positions, k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.kv_cache.update(input_pos, k, v)
-        if seqlen == 1 and x.device.type == "cpu":
-            y = one_query_attention(q, k, v, mask)
+        if decoding:
+            mask = torch.arange(self.kv_cache.k.shape[2], device=x.device) <= positions
+            y = one_query_attention(q, self.kv_cache.k, self.kv_cache.v, mask[:, None, None, :])
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            # A prompt attends only to itself: causal attention over its own keys, which
+            # keeps the fused (flash / memory-efficient) kernels and reads no cache.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -143,9 +154,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -158,28 +169,58 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def setup_caches(self, batch_size: int, seq_len: int) -> None:
-        """Allocate KV caches for `batch_size` sequences of up to `seq_len` tokens, plus the
-        rotary tables and causal mask; call after the weights are materialized."""
+    @property
+    def cache_rows(self) -> int:
+        """How many sequences the KV cache holds (0 before setup_caches)."""
+        cache = self.layers[0].attention.kv_cache
+        return 0 if cache is None else cache.k.shape[0]
+
+    def setup_caches(self, rows: int) -> None:
+        """Allocate, once, KV caches for `rows` sequences of up to max_seq_len tokens and the
+        rotary tables; call after the weights are materialized. Calling it again with the
+        same size keeps the same tensors, so a compiled decode step (and its CUDA graph)
+        stays valid across generations."""
+        if rows == self.cache_rows:
+            return
         weight = self.output.weight
         device, dtype = weight.device, weight.dtype
-        angles = rope_frequencies(self.args)[:seq_len].to(device)
+        angles = rope_frequencies(self.args).to(device)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-        self.register_buffer("causal_mask", causal, persistent=False)
         for layer in self.layers:
             attn = layer.attention
-            attn.kv_cache = KVCache(batch_size, attn.n_kv_heads, seq_len, attn.head_dim, dtype, device)
+            attn.kv_cache = KVCache(rows, attn.n_kv_heads, self.args.max_seq_len, attn.head_dim, dtype, device)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """tokens: (batch, seq) at positions `input_pos` (seq,). Returns float32 logits for the
-        last position, (batch, 1, vocab), or for every position if `all_logits`."""
-        mask = self.causal_mask[input_pos][None, None]
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+    def forward(self, tokens: torch.Tensor, cache_rows: torch.Tensor | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Whole sequences from position 0 (a prompt's prefill, or training): tokens (batch, seq).
+        With caches set up, their keys and values are written to `cache_rows` (default: rows
+        0..batch-1). Returns float32 logits for the last position, (batch, 1, vocab), or for
+        every position if `all_logits`."""
+        bsz, seqlen = tokens.shape
+        positions = torch.arange(seqlen, device=tokens.device)[None].expand(bsz, -1)
+        if cache_rows is None:
+            cache_rows = torch.arange(bsz, device=tokens.device)
+        cos, sin = self._rotary_tables(tokens.device)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, mask)
+            h = layer(h, cos[None, :seqlen], sin[None, :seqlen], positions, cache_rows)
         if not all_logits:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def _rotary_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache_rows:  # allocated with the caches
+            return self.rope_cos, self.rope_sin
+        angles = rope_frequencies(self.args).to(device)  # training: no caches
+        return angles.cos(), angles.sin()
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step for every cache row: tokens and positions (rows,). Returns float32
+        logits (rows, vocab). Rows compute independently, so a sequence's result does not
+        depend on what the other rows hold."""
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        h = self.tok_embeddings(tokens[:, None])
+        for layer in self.layers:
+            h = layer(h, cos, sin, positions[:, None], None)
+        return self.output(self.norm(h))[:, 0].float()

@@ -84,7 +84,7 @@ def print_completions(model: Transformer, tokenizer: Tokenizer, prompt_tokens: l
         for header, completion in zip(headers, completions):
             log(header + tokenizer.decode(completion.tokens), end="\n\n")
         return completions
-    check_prompts(prompt_tokens, model.args.max_seq_len, model.args.max_batch_size)  # errors name the right index
+    check_prompts(prompt_tokens, model.args.max_seq_len)  # errors name the right index
     completions = []
     for header, tokens in zip(headers, prompt_tokens):
         log(header, end="")

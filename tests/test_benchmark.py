@@ -56,9 +56,9 @@ def test_decode_bytes_by_hand():
 def test_decode_bytes_match_the_model():
     """Every weight but the embedding table, one embedding row per sequence, and the cache the
     model actually allocates."""
-    args = ModelArgs(**LLAMA3_TINY, vocab_size=256)
+    args = ModelArgs(**{**LLAMA3_TINY, "max_seq_len": 20}, vocab_size=256)
     model = Transformer(args).to(torch.bfloat16)
-    model.setup_caches(3, 20)
+    model.setup_caches(3)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = model.tok_embeddings.weight
     cache = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if ".kv_cache." in name)
@@ -99,9 +99,9 @@ def test_hf_baseline_computes_our_model():
         model.layers[0].attention.wq.weight.to_local().normal_(std=0.3)  # make attention matter
         hf = bench.build_hf_model(model, runtime)
         tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-        model.setup_caches(2, 12)
+        model.setup_caches(2)
         with torch.inference_mode():
-            ours = model(tokens, torch.arange(12), all_logits=True)
+            ours = model(tokens, all_logits=True)
             theirs = hf(tokens).logits.float()
     finally:
         torch.distributed.destroy_process_group()

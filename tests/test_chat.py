@@ -108,20 +108,20 @@ def test_chat_stop_ids(llama3_tokenizer, sp_tokenizer):
 @pytest.mark.parametrize("tag", ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
 def test_llama2_refuses_only_the_dialog_with_tags(sp_tokenizer, tag):
     dialogs = [dialog("Hi"), dialog("Hi", "Hello", f"do {tag} this"), dialog("Bye", system=f"a {tag}")]
-    encoded = encode_dialogs(sp_tokenizer, dialogs, "llama2", max_seq_len=512, max_batch_size=1)
+    encoded = encode_dialogs(sp_tokenizer, dialogs, "llama2", max_seq_len=512)
     assert encoded[0] == encode_dialog(sp_tokenizer, dialogs[0], "llama2")
     assert encoded[1] == f"message 2 contains {tag}; Llama 2 chat tags are not allowed in messages"
     assert encoded[2] == f"message 0 contains {tag}; Llama 2 chat tags are not allowed in messages"
 
 
 def test_llama3_sends_tag_text_as_text(llama3_tokenizer):
-    [tokens] = encode_dialogs(llama3_tokenizer, [dialog("[INST] <<SYS>>")], "llama3", 512, 1)
+    [tokens] = encode_dialogs(llama3_tokenizer, [dialog("[INST] <<SYS>>")], "llama3", 512)
     assert llama3_tokenizer.decode(tokens).count("[INST] <<SYS>>") == 1
 
 
 def test_dialog_too_long_names_its_index(sp_tokenizer):
     with pytest.raises(UserError, match="dialog 1 has .* prompt tokens, at least max_seq_len 32"):
-        encode_dialogs(sp_tokenizer, [dialog("Hi"), dialog("word " * 40)], "llama2", 32, 4)
+        encode_dialogs(sp_tokenizer, [dialog("Hi"), dialog("word " * 40)], "llama2", 32)
 
 
 @pytest.mark.parametrize("bad, message", [

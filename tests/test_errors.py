@@ -143,11 +143,6 @@ def test_prompt_longer_than_max_seq_len(converted):
     assert_clean_error(result, "prompt 0", "max_seq_len 8")
 
 
-def test_more_prompts_than_batch(converted):
-    result = run_generate(converted, *[a for i in range(5) for a in ("--prompt", f"p{i}")])
-    assert_clean_error(result, "5 prompts", "max_batch_size 4")
-
-
 def test_empty_prompt(converted):
     assert_clean_error(run_generate(converted, "--prompt", "Four", "--prompt", " "), "prompt 1 is empty")
 

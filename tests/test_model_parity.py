@@ -20,7 +20,7 @@ def hf_model(args: ModelArgs, state: dict[str, torch.Tensor]) -> LlamaForCausalL
 def our_model(args: ModelArgs, state: dict[str, torch.Tensor], batch: int) -> Transformer:
     model = Transformer(args).eval()
     model.load_state_dict(state, strict=True)
-    model.setup_caches(batch, args.max_seq_len)
+    model.setup_caches(batch)
     return model
 
 
@@ -39,7 +39,7 @@ def test_logits_match_transformers(arch):
     args, state, tokens = random_case(arch, seed=1, batch=2, length=40)
     with torch.no_grad():
         expected = hf_model(args, state)(tokens).logits
-        ours = our_model(args, state, 2)(tokens, torch.arange(40), all_logits=True)
+        ours = our_model(args, state, 2)(tokens, all_logits=True)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     assert expected.std() > 1.0, "random weights this flat would hide a mismatch"
 
@@ -49,10 +49,10 @@ def test_cached_decode_matches_full_forward(arch):
     """Prefill then one token at a time through the KV cache = one pass over the whole sequence."""
     args, state, tokens = random_case(arch, seed=2, batch=3, length=24)
     with torch.no_grad():
-        full = our_model(args, state, 3)(tokens, torch.arange(24), all_logits=True)
+        full = our_model(args, state, 3)(tokens, all_logits=True)
         model = our_model(args, state, 3)
-        steps = [model(tokens[:, :16], torch.arange(16), all_logits=True)]
-        steps += [model(tokens[:, i:i + 1], torch.arange(i, i + 1)) for i in range(16, 24)]
+        steps = [model(tokens[:, :16], all_logits=True)]
+        steps += [model.decode(tokens[:, i], torch.full((3,), i))[:, None] for i in range(16, 24)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -15,10 +15,10 @@ def main() -> None:
     runtime = init_runtime()
     model, _ = load_converted(ckpt_dir, runtime, torch.float32)
     tokens = torch.randint(0, model.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    model.setup_caches(2, 16)
+    model.setup_caches(2)
     with torch.inference_mode():
-        logits = [model(tokens[:, :12], torch.arange(12), all_logits=True)]
-        logits += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(12, 16)]
+        logits = [model(tokens[:, :12], all_logits=True)]
+        logits += [model.decode(tokens[:, i], torch.full((2,), i))[:, None] for i in range(12, 16)]
     if runtime.is_main:
         torch.save(torch.cat(logits, dim=1), out_path)
 
