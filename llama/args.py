@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama.errors import UserError
+from llama.quantize import check_scheme
 
 # Fields every Meta params.json has; the rest have defaults shared by all Llama releases.
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
+# model_args.json fields added after the format was first written: absent means the default.
+LATER_FIELDS = ("quantize", "group_size")
 
 
 @dataclass
@@ -31,6 +34,10 @@ class ModelArgs:
     max_seq_len: int = 2048
     max_batch_size: int = 4
     dtype: str = "bfloat16"
+    # Weight-only quantization of the stored linear weights (llama.quantize): None, "int8" or
+    # "int4", with int4's group size along the input dimension.
+    quantize: str | None = None
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -78,6 +85,7 @@ class ModelArgs:
             raise UserError(f"{source}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.vocab_size <= 0:
             raise UserError(f"{source}: vocab_size must be positive, got {self.vocab_size}")
+        check_scheme(self.quantize, self.group_size, f'{source}: "quantize"', f'{source}: "group_size"')
 
     @classmethod
     def from_params_json(cls, path: Path, **overrides: object) -> ModelArgs:
@@ -95,10 +103,10 @@ class ModelArgs:
         """Read a model_args.json written by convert_checkpoints.py."""
         params = _read_json(path)
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - params.keys())
+        missing = sorted(names - params.keys() - set(LATER_FIELDS))
         if missing:
             raise UserError(f"{path}: missing field(s) {', '.join(missing)}; re-run convert_checkpoints.py")
-        args = cls(**{k: params[k] for k in names})
+        args = cls(**{k: params[k] for k in names if k in params})
         args.check(str(path))
         return args
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Shard
 
+from llama import quantize
 from llama.args import ModelArgs
 from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
@@ -147,14 +148,18 @@ def _local_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
     return min(rank * chunk, size), min((rank + 1) * chunk, size)
 
 
-def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, overwrite: bool) -> None:
-    """Write `ckpt` as a DCP checkpoint plus model_args.json and tokenizer.model in `out_dir`.
+def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, overwrite: bool,
+            scheme: quantize.Scheme | None = None) -> None:
+    """Write `ckpt` as a DCP checkpoint plus model_args.json and tokenizer.model in `out_dir`,
+    with its linear weights quantized if `scheme` is given (llama.quantize).
 
     All of it is written to a sibling `.partial` directory that is renamed into place at
     the end, so `out_dir` is either the whole checkpoint or untouched."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise UserError(f"--save_checkpoint_dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
+    if scheme and scheme.name == "int4":
+        quantize.check_group_size(ckpt.args, scheme.group_size, "--group_size")
     log(f"{ckpt.dir}: {len(ckpt.paths)} shard(s), {ckpt.args.n_layers} layers, dim {ckpt.args.dim}, "
         f"vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
     staging = out_dir.with_name(out_dir.name + ".partial")
@@ -170,6 +175,13 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
         if len(plan.shape) == 1:  # norms: tiny, kept whole on every rank (DCP writes one copy)
             state[name] = ckpt.slice(name, 0, 0, plan.shape[0]).to(torch_dtype)
             continue
+        if scheme and quantize.is_quantized(name, plan.shape):
+            # Whole rows on each rank, so that every scale sees its whole row or group.
+            lo, hi = _local_range(plan.shape[0], runtime.rank, runtime.world_size)
+            prefix = name.removesuffix("weight")
+            for key, local in quantize.quantize(ckpt.slice(name, 0, lo, hi), scheme, torch_dtype).items():
+                state[prefix + key] = _row_sharded(local, plan.shape[0], runtime)
+            continue
         # Split the way Meta did, so that converting on as many ranks as there are shards
         # hands each shard's memory-mapped tensor to DCP as it is, without a copy.
         dim = plan.dim or 0
@@ -181,6 +193,7 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
 
     if runtime.is_main:
         ckpt.args.dtype = dtype
+        ckpt.args.quantize, ckpt.args.group_size = (scheme.name, scheme.group_size) if scheme else (None, None)
         ckpt.args.save(staging / ARGS_FILE)
         shutil.copyfile(ckpt.tokenizer.path, staging / TOKENIZER_FILE)
         if out_dir.is_dir():  # empty, or --overwrite
@@ -188,8 +201,17 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
         out_dir.unlink(missing_ok=True)
         staging.rename(out_dir)
     [peak] = max_over_ranks([peak_rss_bytes()], runtime.device)
-    log(f"converted {len(ckpt.plans)} tensors in {time.perf_counter() - start:.1f}s -> {out_dir} "
+    stored = sum(t.numel() * t.element_size() for t in state.values())  # DTensors count their global size
+    log(f"converted {len(ckpt.plans)} weights in {time.perf_counter() - start:.1f}s -> {out_dir}: "
+        f"{stored / 1e6:.1f} MB{f', {scheme.describe()}' if scheme else ''} "
         f"(peak memory per rank {peak / 2**30:.2f} GiB)")
+
+
+def _row_sharded(local: torch.Tensor, rows: int, runtime: Runtime) -> DTensor:
+    """This rank's rows of a (rows, ...) tensor as a Shard(0) DTensor."""
+    shape = torch.Size((rows, *local.shape[1:]))
+    return DTensor.from_local(local.contiguous(), runtime.mesh, [Shard(0)], shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
 
 
 def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:
@@ -198,17 +220,38 @@ def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:
         raise UserError(f"--converted_ckpt_dir {ckpt_dir}: not a DCP checkpoint (no .metadata); "
                         "create it with convert_checkpoints.py")
     stored = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
-    for name, shape in args.weight_shapes().items():
+    found, expected = _stored_scheme(stored, args), quantize.scheme_of(args)
+    if found != expected:
+        def describe(scheme: quantize.Scheme | None) -> str:
+            return f"{scheme.describe()}-quantized" if scheme else "unquantized"
+        raise UserError(f"--converted_ckpt_dir {ckpt_dir}: holds {describe(found)} weights but {args_path} says "
+                        f"{describe(expected)}; restore its \"quantize\" and \"group_size\" as "
+                        "convert_checkpoints.py wrote them")
+    for name, (shape, _) in quantize.stored_tensors(args).items():
         if name not in stored or tuple(stored[name].size) != shape:
             found = list(stored[name].size) if name in stored else "nothing"
             raise UserError(f"--converted_ckpt_dir {ckpt_dir}: {name} is {found} but {args_path} expects "
                             f"{list(shape)}; the checkpoint was converted from another model")
 
 
+def _stored_scheme(stored: dict[str, object], args: ModelArgs) -> quantize.Scheme | None:
+    """The quantization a checkpoint's tensors show (the output projection's, like every linear's)."""
+    output = stored.get("output.weight")
+    dtype = getattr(getattr(output, "properties", None), "dtype", None)
+    if dtype == torch.int8:
+        return quantize.Scheme("int8")
+    if dtype == torch.uint8 and "output.zeros" in stored:
+        return quantize.Scheme("int4", args.dim // stored["output.zeros"].size[1])
+    return None
+
+
 def load_parallel_model(ckpt_dir: Path, args: ModelArgs, runtime: Runtime, dtype: torch.dtype) -> Transformer:
-    """Build on meta, shard over the mesh, allocate only local shards, read them from DCP."""
+    """Build on meta, shard over the mesh, allocate only local shards, read them from DCP, and
+    lay quantized weights out for the device's kernels."""
+    quantize.check_dtype(quantize.scheme_of(args), dtype, runtime.device)
     model = build_sharded(args, runtime.mesh, runtime.device, dtype)
     dcp.load(model.state_dict(), checkpoint_id=ckpt_dir)
+    quantize.pack_for_device(model)
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,270 @@
+"""Weight-only int8 and int4 quantization: the stored format, and the kernels that use it.
+
+Which weights: every linear layer of the blocks and the output projection. The embedding
+stays in the checkpoint's dtype (a step reads one row of it per token), and so do the norms.
+
+Stored format (what convert_checkpoints.py writes into DCP, the same for every device and
+TP degree; each tensor a DTensor, so DCP reshards it like any other weight):
+- int8: `<layer>.weight` int8 (out, in) and `<layer>.scales` (out,), symmetric per output
+  row: w = q * scale, q in [-127, 127], scale = max |w| / 127 over the whole row.
+- int4: `<layer>.weight` uint8 (out, in / 2), two values a byte (the even column in the high
+  nibble), `<layer>.scales` and `<layer>.zeros` (out, in / group_size), asymmetric per group of
+  `group_size` consecutive inputs: w = (q - 8) * scale + zero, q in [0, 15].
+Scales and zeros are stored in the checkpoint's dtype and quantization rounds to them. Each
+scale depends only on its own row (int8) or group (int4), never on how the weight is split,
+so every conversion world size writes the same bytes; a row-parallel rank reads only its
+part of the row, and an int4 group never straddles ranks (check_tp_degree).
+
+At load time `pack_for_device` turns each rank's local shards into the operands of PyTorch's
+own kernels for the device in use: `_weight_int8pack_mm` (CPU int8), `_weight_int4pack_mm_for_cpu`
+(CPU int4, its own packed layout), `_weight_int4pack_mm` (CUDA int4, another packed layout).
+CUDA int8 multiplies by the int8 weight converted inside the step, which torch.compile fuses
+into the product (gpt-fast's approach).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from llama.errors import UserError
+
+if TYPE_CHECKING:
+    from llama.args import ModelArgs
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
+DEFAULT_GROUP_SIZE = 128
+EMBEDDING = "tok_embeddings.weight"
+# torch's CPU int4 packing takes rows in multiples of this; smaller shards are padded.
+INT4_CPU_ROW_MULTIPLE = 16
+# Rows quantized at once during conversion: bounds the float32 working copy (a few tens of MB).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a checkpoint's linear weights are quantized (None in ModelArgs: not at all)."""
+
+    name: str  # "int8" or "int4"
+    group_size: int | None = None  # int4 only
+
+    def describe(self) -> str:
+        return "int8" if self.name == "int8" else f"int4 (group size {self.group_size})"
+
+
+def scheme_of(args: ModelArgs) -> Scheme | None:
+    return Scheme(args.quantize, args.group_size) if args.quantize else None
+
+
+def check_scheme(quantize: str | None, group_size: int | None, scheme_label: str = "--quantize",
+                 group_label: str = "--group_size") -> None:
+    """Reject an unknown scheme or group size; the labels name the flags or fields given."""
+    if quantize is not None and quantize not in SCHEMES:
+        raise UserError(f"{scheme_label} {quantize}: unknown quantization; choose {' or '.join(SCHEMES)}")
+    if quantize != "int4" and group_size is not None:
+        raise UserError(f"{group_label} {group_size}: a group size applies to int4 quantization only")
+    if quantize == "int4" and group_size not in GROUP_SIZES:
+        raise UserError(f"{group_label} {group_size}: int4 group sizes are {', '.join(map(str, GROUP_SIZES))}")
+
+
+def is_quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """Every 2-D weight except the embedding: the block linears and the output projection."""
+    return len(shape) == 2 and name != EMBEDDING
+
+
+def input_widths(args: ModelArgs) -> dict[str, int]:
+    """Input width of each kind of quantized weight (their name after `layers.N.`)."""
+    return {"attention.wq/wk/wv, feed_forward.w1/w3, output": args.dim,
+            "attention.wo": args.n_heads * args.head_dim, "feed_forward.w2": args.ffn_hidden_dim}
+
+
+def working_group_sizes(widths: list[int]) -> list[int]:
+    return [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+
+
+def check_group_size(args: ModelArgs, group_size: int, flag: str) -> None:
+    """Conversion: every input width must be a whole number of groups."""
+    widths = input_widths(args)
+    bad = {name: w for name, w in widths.items() if w % group_size}
+    if bad:
+        name, width = next(iter(bad.items()))
+        works = working_group_sizes(list(widths.values()))
+        hint = f"use {' or '.join(map(str, works))}" if works else "no int4 group size fits this model; use int8"
+        raise UserError(f"{flag} {group_size} does not divide the input width {width} of {name}; {hint}")
+
+
+def check_tp_degree(args: ModelArgs, tp: int) -> None:
+    """Loading int4 at TP degree `tp`: the row-parallel layers (wo, w2) hold 1/tp of each row,
+    which must be whole groups."""
+    if args.quantize != "int4":
+        return
+    local = {"attention.wo": args.n_heads * args.head_dim // tp, "feed_forward.w2": args.ffn_hidden_dim // tp}
+    bad = {name: w for name, w in local.items() if w % args.group_size}
+    if bad:
+        name, width = next(iter(bad.items()))
+        works = working_group_sizes([args.dim, *local.values()])
+        hint = (f"re-convert with --group_size {works[-1]}" if works
+                else "no int4 group size fits this degree: use fewer ranks, or int8")
+        raise UserError(f"tensor-parallel degree {tp} leaves {width} inputs of {name} per rank, not a multiple of "
+                        f"the checkpoint's int4 group size {args.group_size}; {hint}")
+
+
+def layer_tensors(scheme: Scheme, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """The stored tensors of one quantized (rows, cols) linear weight: attribute name ->
+    (shape, dtype), where None stands for the floating-point dtype of the checkpoint."""
+    if scheme.name == "int8":
+        return {"weight": ((rows, cols), torch.int8), "scales": ((rows,), None)}
+    groups = (rows, cols // scheme.group_size)
+    return {"weight": ((rows, cols // 2), torch.uint8), "scales": (groups, None), "zeros": (groups, None)}
+
+
+def stored_tensors(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Every tensor a checkpoint of `args` holds: name -> (shape, dtype), None for floats."""
+    scheme = scheme_of(args)
+    out: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for name, shape in args.weight_shapes().items():
+        if scheme is None or not is_quantized(name, shape):
+            out[name] = (shape, None)
+        else:
+            prefix = name.removesuffix("weight")
+            out |= {prefix + key: spec for key, spec in layer_tensors(scheme, *shape).items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Quantizing and dequantizing (conversion, tests)
+
+
+def quantize(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The stored tensors of one weight (out, in), keyed `weight`, `scales`[, `zeros`],
+    computed in float32 a block of rows at a time."""
+    rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // weight.shape[1])
+    parts = [_quantize_rows(weight[i:i + rows_per_chunk].float(), scheme, scale_dtype)
+             for i in range(0, weight.shape[0], rows_per_chunk)]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _quantize_rows(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if scheme.name == "int8":
+        amax = w.abs().amax(dim=1)
+        scales = torch.where(amax > 0, amax / 127, 1.0).to(scale_dtype)
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"weight": q, "scales": scales}
+    rows, cols = w.shape
+    groups = w.view(rows, cols // scheme.group_size, scheme.group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    # The scale and zero are rounded to their stored dtype first, and the values fitted to them.
+    scales = ((hi - lo) / 15).to(scale_dtype)
+    zeros = (lo + 8 * scales.float()).to(scale_dtype)
+    s = scales.float()
+    q = torch.round((groups - zeros.float()[..., None]) / torch.where(s > 0, s, 1.0)[..., None] + 8).clamp(0, 15)
+    return {"weight": pack_int4(q.view(rows, cols).to(torch.uint8)), "scales": scales, "zeros": zeros}
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) values in [0, 15] -> (rows, cols / 2) bytes, the even column in the high
+    nibble (the layout torch's CUDA packing takes as it is)."""
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight (out, in) that stored tensors stand for."""
+    if zeros is None:
+        return weight.float() * scales.float()[:, None]
+    q = unpack_int4(weight).float()
+    group_size = q.shape[1] // scales.shape[1]
+    expand = functools.partial(torch.repeat_interleave, repeats=group_size, dim=1)
+    return (q - 8) * expand(scales.float()) + expand(zeros.float())
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel operands and products (loading, forward)
+
+
+def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's stored shards (plain tensors on the target device) -> (weight, scales) in
+    the layout of the device's kernel, scales in the compute dtype."""
+    if scheme.name == "int8":
+        return weight.contiguous(), scales.to(dtype).contiguous()
+    rows = weight.shape[0]
+    scales_and_zeros = torch.stack((scales, zeros), dim=-1).to(dtype)  # (rows, groups, 2)
+    if weight.device.type == "cuda":
+        packed = torch.ops.aten._convert_weight_to_int4pack(weight.contiguous(), _inner_k_tiles(weight.shape[1] * 2))
+    else:
+        pad = -rows % INT4_CPU_ROW_MULTIPLE
+        values = F.pad(unpack_int4(weight).to(torch.int32), (0, 0, 0, pad))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
+        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, pad))
+    return packed, scales_and_zeros.transpose(0, 1).contiguous()  # (groups, rows, 2)
+
+
+def _inner_k_tiles(cols: int) -> int:
+    """The CUDA int4 packing's tile count along the input: the largest that divides it."""
+    return next(t for t in (8, 4, 2) if cols % (16 * t) == 0)
+
+
+def linear(x: torch.Tensor, scheme: Scheme, out_features: int, weight: torch.Tensor,
+           scales: torch.Tensor) -> torch.Tensor:
+    """x @ dequantized(weight).T from kernel operands (kernel_operands' layout)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if scheme.name == "int8":
+        if x.device.type == "cuda":  # compiled, the conversion fuses into the product
+            y = F.linear(rows, weight.to(x.dtype)) * scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows, weight, scales)
+    elif x.device.type == "cuda":
+        y = torch.ops.aten._weight_int4pack_mm(rows, weight, scheme.group_size, scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight, scheme.group_size, scales)[:, :out_features]
+    return y.view(*x.shape[:-1], out_features)
+
+
+def check_dtype(scheme: Scheme | None, dtype: torch.dtype, device: torch.device) -> None:
+    """torch's CUDA int4 kernel takes bfloat16 activations only."""
+    if scheme and scheme.name == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
+        raise UserError(f"--dtype {str(dtype).removeprefix('torch.')}: torch's CUDA int4 kernel takes bfloat16 "
+                        "only; use --dtype bfloat16 with this int4 checkpoint")
+
+
+# ---------------------------------------------------------------------------------------
+# Quantized linear modules (set up by llama.parallel's quantized styles)
+
+
+def local_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a quantized linear module: this rank's shard times x, as plain tensors."""
+    if not module.packed:
+        raise RuntimeError("quantized weights used before quantize.pack_for_device(model)")
+    return linear(x, module.scheme, module.local_out_features, module.weight, module.scales)
+
+
+def pack_for_device(model: nn.Module) -> None:
+    """After the stored shards are loaded: replace each quantized module's DTensors by its
+    kernel's operands (plain tensors). The model then serves inference only; reload from DCP
+    to change the TP degree."""
+    for module in model.modules():
+        if getattr(module, "scheme", None) is None or module.packed:
+            continue
+        zeros = _local(module.zeros) if module.scheme.name == "int4" else None
+        dtype = module.scales.dtype
+        weight, scales = kernel_operands(module.scheme, _local(module.weight), _local(module.scales), zeros, dtype)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.scales = nn.Parameter(scales, requires_grad=False)
+        if zeros is not None:
+            del module.zeros
+        module.packed = True
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
