@@ -182,7 +182,7 @@ class Transformer(nn.Module):
         stays valid across generations."""
         if rows == self.cache_rows:
             return
-        weight = self.output.weight
+        weight = self.tok_embeddings.weight  # never quantized: its dtype is the activations'
         device, dtype = weight.device, weight.dtype
         angles = rope_frequencies(self.args).to(device)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
