@@ -35,7 +35,7 @@ LLAMA2_SPECIAL_TAGS = (LLAMA2_B_INST, LLAMA2_E_INST, "<<SYS>>", "<</SYS>>")
 LLAMA3_FORMAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
-def _dialog_problem(dialog: object) -> str | None:
+def dialog_problem(dialog: object) -> str | None:
     """What is wrong with one dialog, or None when it can be formatted: an optional system
     message, then turns alternating user/assistant that start and end with the user."""
     if not isinstance(dialog, list) or not dialog:
@@ -68,7 +68,7 @@ def parse_dialogs(data: object, source: str) -> list[Dialog]:
         raise UserError(f"{source}: expected a non-empty JSON list of dialogs, each a list of "
                         "{\"role\", \"content\"} messages")
     for i, dialog in enumerate(data):
-        problem = _dialog_problem(dialog)
+        problem = dialog_problem(dialog)
         if problem:
             raise UserError(f"{source}: dialog {i}: {problem}")
     return data
