@@ -206,10 +206,12 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, tiny_checkpoint):
 
 
 def test_compiled_decode_gives_the_eager_tokens(tmp_path, tiny_checkpoint):
-    """generate.py --compile at TP=2: torch.compile of the DTensor-parallel decode step (about a
-    minute of inductor C++ compilation on 2 cores) yields exactly the eager greedy tokens."""
-    prompts = ("Four score and seven", "It is for us the living")
-    extra = ("--max_gen_len", "6")
+    """generate.py --compile --stream at TP=2: torch.compile of the DTensor-parallel decode step
+    (about a minute of inductor C++ compilation on 2 cores) yields exactly the eager greedy
+    tokens, and compiles once: ten prompts of different lengths, decoded one after another,
+    stay under dynamo's recompile limit of 8 (each used to recompile)."""
+    prompts = [" ".join(["Four score and seven years ago"] * n)[:6 * n] for n in range(1, 11)]
+    extra = ("--max_gen_len", "6", "--stream", "--max_batch_size", "1")
     eager = generate_json(tiny_checkpoint, tmp_path / "eager.json", *prompts, nproc=2, extra=extra)
     compiled = generate_json(tiny_checkpoint, tmp_path / "compiled.json", *prompts, nproc=2,
                              extra=(*extra, "--compile"))
