@@ -1,5 +1,6 @@
-"""A load generator for serve.py (benchmark.py --serve URL): N clients, each sending streaming
-completion requests one after another, timing every token as it arrives.
+"""A load generator for serve.py (benchmark.py --serve URL): up to N requests in flight at once,
+sent back to back or arriving at a given mean rate (Poisson, like vLLM's benchmark_serving),
+each a streamed completion whose tokens are timed as they arrive.
 
 Prompts are random token ids (the server accepts them as OpenAI's API does), so the load
 does not depend on a tokenizer on the client side and prompt lengths are exact. Each
@@ -59,7 +60,7 @@ async def _stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: l
 
 
 async def _run(url: str, concurrency: int, requests: int, prompt_len: int, gen_len: int, api_key: str | None,
-               seed: int) -> dict[str, object]:
+               seed: int, request_rate: float) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         try:
@@ -69,21 +70,28 @@ async def _run(url: str, concurrency: int, requests: int, prompt_len: int, gen_l
         rng = random.Random(seed)
         vocab = min(models.get("vocab_size", 32000), 32000)
         prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(requests)]
-        pending = iter(prompts)
+        slots = asyncio.Semaphore(concurrency)
         timings: list[RequestTiming] = []
 
-        async def client_loop() -> None:
-            for prompt in pending:
+        async def send(prompt: list[int]) -> None:
+            async with slots:
                 timings.append(await _stream_one(client, url, models["id"], prompt, gen_len, headers))
 
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(send(prompt)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
     tokens = sum(len(t.token_times) for t in timings)
     ttft = [t.ttft_s for t in timings if t.token_times]
     itl = [s for t in timings for s in t.inter_token_s]
     return {
-        "concurrency": concurrency, "requests": len(timings), "prompt_len": prompt_len, "gen_len": gen_len,
+        "concurrency": concurrency, "request_rate": None if request_rate == float("inf") else request_rate,
+        "requests": len(timings),
+        "prompt_len": prompt_len, "gen_len": gen_len,
         "wall_s": wall, "requests_per_s": len(timings) / wall, "output_tokens_per_s": tokens / wall,
         "ttft_ms": {"p50": 1e3 * statistics.median(ttft), "p99": 1e3 * _percentile(ttft, 99)},
         "inter_token_ms": {"p50": 1e3 * statistics.median(itl), "p99": 1e3 * _percentile(itl, 99)},
@@ -91,6 +99,8 @@ async def _run(url: str, concurrency: int, requests: int, prompt_len: int, gen_l
 
 
 def run_load(url: str, concurrency: int, requests: int, prompt_len: int, gen_len: int, api_key: str | None = None,
-             seed: int = 0) -> dict[str, object]:
-    """Throughput and latency of `requests` streamed completions from `concurrency` clients."""
-    return asyncio.run(_run(url.rstrip("/"), concurrency, requests, prompt_len, gen_len, api_key, seed))
+             seed: int = 0, request_rate: float = float("inf")) -> dict[str, object]:
+    """Throughput and latency of `requests` streamed completions, at most `concurrency` at once,
+    arriving `request_rate` per second on average (all at once if infinite)."""
+    return asyncio.run(_run(url.rstrip("/"), concurrency, requests, prompt_len, gen_len, api_key, seed,
+                            request_rate))

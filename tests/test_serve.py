@@ -290,3 +290,17 @@ def test_a_killed_rank_ends_the_others(ckpt):
     srv.proc.wait(timeout=60)
     assert time.monotonic() - start < 60 and all(gone(pid) for pid in ranks)
     assert srv.proc.returncode != 0
+
+
+def test_load_generator_reports_throughput_and_latency(server, tmp_path):
+    out = tmp_path / "load.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--serve", server.url, "--api_key", API_KEY,
+                             "--concurrency", "1,3", "--requests", "3", "--prompt_len", "9", "--gen_len", "5",
+                             "--output_json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(out.read_text())["results"]
+    assert [(r["concurrency"], r["requests"]) for r in runs] == [(1, 3), (3, 3)]
+    for r in runs:
+        assert r["output_tokens_per_s"] > 0 and r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"]
+        assert r["inter_token_ms"]["p50"] > 0
+    assert "concurrency 3:" in result.stdout
