@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from llama import benchmarking as bench
+from llama import quantize
 from llama.args import ModelArgs
 from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
 from llama.distributed import Runtime, init_runtime, log, run_cli
@@ -39,6 +40,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gen_len", default="128", help="comma-separated sweep of generated tokens (default 128)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"comma-separated sweep of {', '.join(DTYPES)} "
                    f"(default: {DEFAULT_DTYPE})")
+    p.add_argument("--quantize", default="none", help="random weights: comma-separated sweep of none, int8, int4 "
+                   "(weight-only; a converted checkpoint's model_args.json says its own)")
+    p.add_argument("--group_size", type=int, default=quantize.DEFAULT_GROUP_SIZE,
+                   help=f"random weights: int4's group size (default {quantize.DEFAULT_GROUP_SIZE})")
     p.add_argument("--trials", type=int, default=3, help="timed runs per configuration (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -74,6 +79,24 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError("--baseline hf needs transformers: pip install transformers, or drop the flag")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib: pip install matplotlib, or drop the flag")
+    if args.converted_ckpt_dir and args.quantize != "none":
+        raise UserError("--quantize is for --random_weights; a converted checkpoint is benchmarked as "
+                        "convert_checkpoints.py stored it (its model_args.json says how)")
+
+
+def schemes(args: argparse.Namespace) -> list[quantize.Scheme | None]:
+    """The --quantize sweep, smallest weights first: a CPU's peak memory is the process's
+    lifetime peak, so each model's own peak is seen only if no larger model ran before it."""
+    names = list(dict.fromkeys(args.quantize.split(",")))
+    for name in names:
+        if name != "none":
+            quantize.check_scheme(name, args.group_size if name == "int4" else None)
+    if args.baseline and names != ["none"]:
+        raise UserError("--baseline hf runs unquantized weights only; drop --quantize or the baseline")
+    order = {"int4": 0, "int8": 1, "none": 2}
+    return [None if n == "none" else quantize.Scheme(n, args.group_size if n == "int4" else None)
+            for n in sorted(names, key=order.__getitem__)]
+
 
 
 def dtypes(args: argparse.Namespace) -> list[str]:
@@ -95,13 +118,15 @@ def check_sweep(configs: list[bench.Config], model_args: ModelArgs) -> None:
                         "shrink the sweep or raise --max_batch_size")
 
 
-def build_model(args: argparse.Namespace, runtime: Runtime, dtype_name: str, configs: list[bench.Config]
-                ) -> Transformer:
+def build_model(args: argparse.Namespace, runtime: Runtime, dtype_name: str, configs: list[bench.Config],
+                scheme: quantize.Scheme | None = None) -> Transformer:
     dtype = DTYPES[dtype_name]
     if args.random_weights:
         largest_batch = max(c.batch_size for c in configs)
         model_args = bench.random_model_args(args.random_weights, args.max_seq_len,
                                              args.max_batch_size or largest_batch, dtype_name)
+        if scheme:
+            model_args.quantize, model_args.group_size = scheme.name, scheme.group_size
         check_sweep(configs, model_args)
         return bench.build_random_model(model_args, runtime, dtype, args.seed)
     model, _ = load_converted(args.converted_ckpt_dir, runtime, dtype, args.model_args, args.tokenizer_path,
@@ -117,33 +142,36 @@ def main() -> None:
     configs = [bench.Config(b, p, g) for b, p, g in itertools.product(
         int_list("batch_size", args.batch_size, 1), int_list("prompt_len", args.prompt_len, 1),
         int_list("gen_len", args.gen_len, 2))]
-    dtype_names = dtypes(args)
+    dtype_names, quantized = dtypes(args), schemes(args)
     if args.compile:  # one compiled decode step per model and configuration must stay cached
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   len(configs) * len(dtype_names) + 1)
+                                                   len(configs) * len(dtype_names) * len(quantized) + 1)
     threads = torch.get_num_threads()
     log(f"{args.random_weights or args.converted_ckpt_dir}: TP={runtime.world_size} on "
         f"{bench.device_name(runtime.device)}, {threads} thread(s) per rank, torch {torch.__version__}, "
         f"compile {'on' if args.compile else 'off'}")
 
     results, ceilings, memory = [], {}, bench.PeakMemory(runtime.device)
-    for dtype_name in dtype_names:
+    for dtype_name, scheme in itertools.product(dtype_names, quantized):
         dtype = DTYPES[dtype_name]
-        model = build_model(args, runtime, dtype_name, configs)
+        model = build_model(args, runtime, dtype_name, configs, scheme)
         model_args = dataclasses.asdict(model.args)
         if args.compile:
             use_compiled_decode(model)
-        ceilings[dtype_name] = bench.measure_bandwidth_ceiling(model.args, runtime.world_size, dtype, runtime.device)
-        log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s "
-            f"(read {ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
+        if dtype_name not in ceilings:  # one ceiling per dtype: quantized or not, the same memory
+            ceilings[dtype_name] = bench.measure_bandwidth_ceiling(model.args, runtime.world_size, dtype,
+                                                                   runtime.device)
+            log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s (read "
+                f"{ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
         hf_model = bench.build_hf_model(model, runtime) if args.baseline else None
         for config in configs:
             memory.reset()
             measured = bench.run_config(model, config, args.warmup, args.trials, bool(args.baseline), hf_model,
                                         threads * runtime.world_size, args.seed)
             result = bench.summarize(measured, model, dtype_name, ceilings[dtype_name], memory)
+            result["quantize"] = scheme.describe() if scheme else None
             results.append(result)
-            log(f"  batch {config.batch_size} prompt {config.prompt_len} gen {config.gen_len}: decode "
+            log(f"  {result['quantize'] or dtype_name}: batch {config.batch_size} prompt {config.prompt_len} gen {config.gen_len}: decode "
                 f"{result['decode_tokens_per_s_batch']['median']:.2f} tok/s, prefill "
                 f"{result['prefill_tokens_per_s']['median']:.1f} tok/s")
         del model, hf_model

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from llama import quantize
 from llama.args import ModelArgs
 from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
@@ -106,19 +107,31 @@ def trial_metrics(trials: Sequence[Trial], batch_size: int, prompt_len: int) -> 
 # Roofline
 
 
-KV_AND_EMBEDDING = ("attention.wk.weight", "attention.wv.weight", "tok_embeddings.weight")
+KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
+ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
 def decode_bytes_per_step(args: ModelArgs, tp: int, batch_size: int, cache_len: int, element_size: int) -> int:
     """Bytes one decode step must read on one rank: every local weight except the embedding
     table (of which it reads one row per sequence) plus the whole static KV cache, which
-    attention reads in full under its mask."""
-    kv_weights = 2 * args.n_layers * local_kv_heads(args.n_kv_heads, tp) * args.head_dim * args.dim
-    weights = kv_weights + sum(math.prod(shape) for name, shape in args.weight_shapes().items()
-                               if len(shape) == 2 and not name.endswith(KV_AND_EMBEDDING)) // tp
+    attention reads in full under its mask. Quantized linear weights count what their
+    kernels read: the values, scales and zeros (element_size is the activations' dtype's)."""
+    scheme = quantize.scheme_of(args)
+    linears = 0
+    for name, shape in args.weight_shapes().items():
+        if len(shape) == 1 or name == quantize.EMBEDDING:
+            continue
+        rows, cols = shape
+        if name.endswith(KV_WEIGHTS):
+            rows = local_kv_heads(args.n_kv_heads, tp) * args.head_dim
+        elif name.endswith(ROW_PARALLEL):
+            cols //= tp
+        else:
+            rows //= tp
+        linears += quantize.stored_bytes(scheme, rows, cols, element_size) if scheme else rows * cols * element_size
     norms = sum(shape[0] for shape in args.weight_shapes().values() if len(shape) == 1)
     embedding_rows = batch_size * args.dim // tp
-    return element_size * (weights + norms + embedding_rows) + kv_cache_bytes(args, tp, batch_size, cache_len,
+    return linears + element_size * (norms + embedding_rows) + kv_cache_bytes(args, tp, batch_size, cache_len,
                                                                              element_size)
 
 
@@ -199,8 +212,16 @@ def build_random_model(args: ModelArgs, runtime: Runtime, dtype: torch.dtype, se
         local = param.to_local() if isinstance(param, DTensor) else param
         if name.endswith("norm.weight"):
             local.fill_(1.0)
+        elif name.endswith(".zeros"):
+            local.zero_()
+        elif name.endswith(".scales"):  # quantized values times these span about +-0.02 too
+            local.fill_(0.02 / (127 if local.dim() == 1 else 8))
+        elif not local.is_floating_point():  # quantized values: every code equally likely
+            info = torch.iinfo(local.dtype)
+            local.random_(-127 if info.min < 0 else 0, info.max + 1, generator=generator)
         else:  # the scale of a trained model's weights keeps fp16 activations in range
             local.uniform_(-0.02, 0.02, generator=generator)
+    quantize.pack_for_device(model)
     return model.eval().requires_grad_(False)
 
 
@@ -336,7 +357,7 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
               memory: PeakMemory) -> dict[str, object]:
     """Every figure of one configuration (collective: all ranks call it)."""
     config, tp = measured.config, dist.get_world_size()
-    element_size = model.output.weight.element_size()
+    element_size = model.tok_embeddings.weight.element_size()  # the activations' (output may be quantized)
     cache_len = min(model.args.max_seq_len, config.prompt_len + config.gen_len)
     bytes_per_step = tp * decode_bytes_per_step(model.args, tp, config.batch_size, cache_len, element_size)
     ours = trial_metrics(measured.trials, config.batch_size, config.prompt_len)
@@ -486,7 +507,7 @@ def format_table(results: list[dict[str, object]]) -> str:
     """The human-readable summary: medians, and the baseline beside ours with the ratio of
     decode tokens/s. Peak GB is the largest rank's (peak RSS on CPU: since the process began)."""
     header = ("dtype", "impl", "batch", "prompt", "gen", "prefill tok/s", "TTFT ms", "decode tok/s/seq",
-              "decode tok/s", "p50 ms", "p90 ms", "p99 ms", "GB/s", "% ceiling", "peak GB", "vs hf")
+              "decode tok/s", "p50 ms", "p90 ms", "p99 ms", "GB/s", "% ceiling", "weights GB", "peak GB", "vs hf")
     lines = [header]
     for r in results:
         for impl, figures in (("ours", r), ("hf", r.get("baseline"))):
@@ -495,13 +516,15 @@ def format_table(results: list[dict[str, object]]) -> str:
             lat = figures["decode_latency_ms"]
             ratio = r["baseline_ratio"]["decode_tokens_per_s"] if impl == "ours" and r.get("baseline") else None
             lines.append((
-                r["dtype"], impl, str(r["batch_size"]), str(r["prompt_len"]), str(r["gen_len"]),
+                r["dtype"] + (f" {r['quantize']}" if r.get("quantize") else ""), impl, str(r["batch_size"]),
+                str(r["prompt_len"]), str(r["gen_len"]),
                 f"{figures['prefill_tokens_per_s']['median']:.1f}", f"{figures['ttft_ms']['median']:.1f}",
                 f"{figures['decode_tokens_per_s_per_seq']['median']:.2f}",
                 f"{figures['decode_tokens_per_s_batch']['median']:.2f}",
                 f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}",
                 f"{figures['roofline']['achieved_gb_per_s']:.1f}" if impl == "ours" else "",
                 f"{100 * figures['roofline']['fraction_of_ceiling']:.0f}%" if impl == "ours" else "",
+                f"{figures['weight_bytes_per_rank'] / 1e9:.2f}" if impl == "ours" else "",
                 f"{figures['peak_memory_bytes'] / 1e9:.2f}" if impl == "ours" else "",
                 f"{ratio:.2f}x" if ratio else "",
             ))

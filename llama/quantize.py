@@ -25,6 +25,7 @@ into the product (gpt-fast's approach).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,9 @@ DEFAULT_GROUP_SIZE = 128
 EMBEDDING = "tok_embeddings.weight"
 # torch's CPU int4 packing takes rows in multiples of this; smaller shards are padded.
 INT4_CPU_ROW_MULTIPLE = 16
+# ... and lays rows out in blocks of 32 (AVX2) or 64 (AVX-512): packing a multiple of that at
+# a time gives the same bytes while the int32 copy it needs stays small.
+INT4_CPU_PACK_ROWS = 4096
 # Rows quantized at once during conversion: bounds the float32 working copy (a few tens of MB).
 QUANTIZE_CHUNK_ELEMENTS = 1 << 23
 
@@ -125,6 +129,12 @@ def layer_tensors(scheme: Scheme, rows: int, cols: int) -> dict[str, tuple[tuple
     return {"weight": ((rows, cols // 2), torch.uint8), "scales": (groups, None), "zeros": (groups, None)}
 
 
+def stored_bytes(scheme: Scheme, rows: int, cols: int, element_size: int) -> int:
+    """Bytes of a quantized (rows, cols) weight's stored tensors, scales of `element_size`."""
+    return sum(math.prod(shape) * (dtype.itemsize if dtype else element_size)
+               for shape, dtype in layer_tensors(scheme, rows, cols).values())
+
+
 def stored_tensors(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """Every tensor a checkpoint of `args` holds: name -> (shape, dtype), None for floats."""
     scheme = scheme_of(args)
@@ -204,9 +214,12 @@ def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, 
         packed = torch.ops.aten._convert_weight_to_int4pack(weight.contiguous(), _inner_k_tiles(weight.shape[1] * 2))
     else:
         pad = -rows % INT4_CPU_ROW_MULTIPLE
-        values = F.pad(unpack_int4(weight).to(torch.int32), (0, 0, 0, pad))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
-        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, pad))
+        if pad:
+            weight = F.pad(weight, (0, 0, 0, pad), value=0x88)  # zero weights: q = 8, scale and zero 0
+            scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, pad))
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_int4(weight[i:i + INT4_CPU_PACK_ROWS]).to(torch.int32), 2)
+            for i in range(0, rows + pad, INT4_CPU_PACK_ROWS)])
     return packed, scales_and_zeros.transpose(0, 1).contiguous()  # (groups, rows, 2)
 
 

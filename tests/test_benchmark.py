@@ -113,7 +113,7 @@ TRIAL_KEYS = {"ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s_per_seq", 
               "decode_latency_ms"}
 RESULT_KEYS = TRIAL_KEYS | {"dtype", "batch_size", "prompt_len", "gen_len", "bytes_per_decode_step", "roofline",
                             "weight_bytes_per_rank", "kv_cache_bytes_per_rank", "peak_memory_per_rank",
-                            "peak_memory_bytes", "baseline", "baseline_ratio"}
+                            "peak_memory_bytes", "baseline", "baseline_ratio", "quantize"}
 
 
 def check_trial_figures(figures: dict) -> None:
