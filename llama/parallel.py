@@ -3,15 +3,17 @@
 Megatron-style: in each block wq/wk/wv and w1/w3 are split by output features (heads and
 hidden units stay whole on a rank), wo and w2 by input features, so a block costs two
 all-reduces. The embedding is split over the vocabulary (an all-reduce) and the output
-projection over the vocabulary too (an all-gather of the logits).
+projection over the vocabulary too (an all-gather of the logits). The collectives go through
+llama.shm_collectives: shared memory between the CPU ranks of one host, torch.distributed
+otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -21,14 +23,32 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from llama.args import ModelArgs
 from llama.errors import UserError
 from llama.model import Transformer
+from llama.shm_collectives import Collectives, for_mesh
 
 
 def _local_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight.to_local())
 
 
-def _local_linear_all_reduce(module: nn.Linear, mesh: DeviceMesh, x: torch.Tensor) -> torch.Tensor:
-    return funcol.all_reduce(F.linear(x, module.weight.to_local()), "sum", mesh)
+def _all_reduced(local_forward: Callable[[torch.Tensor], torch.Tensor], collectives: Collectives,
+                 x: torch.Tensor) -> torch.Tensor:
+    """A row-parallel layer's output: the partial products of the ranks summed (the one
+    all-reduce of every row-parallel style, quantized or not)."""
+    return collectives.all_reduce(local_forward(x))
+
+
+def _all_gathered(local_forward: Callable[[torch.Tensor], torch.Tensor], collectives: Collectives,
+                  out_features: int, x: torch.Tensor) -> torch.Tensor:
+    """A column-parallel layer's whole output (the logits): the ranks' slices concatenated in
+    rank order. DTensor splits like torch.chunk, so when the ranks do not divide out_features
+    evenly the last slices are shorter: they are padded to the first one's width, and the
+    padding is cut after the gather."""
+    local = local_forward(x)
+    width = -(-out_features // collectives.size)
+    if local.shape[-1] < width:
+        local = F.pad(local, (0, width - local.shape[-1]))
+    gathered = collectives.all_gather(local)
+    return gathered if gathered.shape[-1] == out_features else gathered[..., :out_features]
 
 
 class LocalColwiseParallel(ColwiseParallel):
@@ -53,7 +73,44 @@ class LocalRowwiseParallel(RowwiseParallel):
         if device_mesh.size() == 1:
             module.forward = functools.partial(_local_linear, module)
         else:
-            module.forward = functools.partial(_local_linear_all_reduce, module, device_mesh)
+            module.forward = functools.partial(_all_reduced, functools.partial(_local_linear, module),
+                                               for_mesh(device_mesh))
+        return module
+
+
+def _vocab_parallel_embedding(module: nn.Embedding, collectives: Collectives, tokens: torch.Tensor) -> torch.Tensor:
+    """Each rank looks up the tokens of its slice of the vocabulary (rows start at rank x
+    ceil(vocab / ranks), torch.chunk's split), zeros for the others; the sum over ranks holds
+    every token's row exactly (x + 0 = x), whatever the order."""
+    weight = module.weight.to_local()
+    local = tokens - collectives.rank * -(-module.num_embeddings // collectives.size)
+    outside = (local < 0) | (local >= weight.shape[0])
+    rows = F.embedding(local.masked_fill(outside, 0), weight)
+    return collectives.all_reduce(rows.masked_fill(outside[..., None], 0))
+
+
+class VocabParallelEmbedding(RowwiseParallel):
+    """The embedding split over the vocabulary (RowwiseParallel's Shard(0) DTensor weight),
+    looked up in the local shard as plain tensors, with one all-reduce (DTensor's dispatch
+    would cost about as much as the lookup itself in an eager decode step)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        distribute_module(module, device_mesh, self._partition_embedding_fn)
+        if device_mesh.size() == 1:
+            module.forward = lambda tokens: F.embedding(tokens, module.weight.to_local())
+        else:
+            module.forward = functools.partial(_vocab_parallel_embedding, module, for_mesh(device_mesh))
+        return module
+
+
+class GatheredColwiseParallel(ColwiseParallel):
+    """The output projection: ColwiseParallel's sharding over the vocabulary; the forward
+    multiplies by the local shard and all-gathers the logits, as plain tensors."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        distribute_module(module, device_mesh, self._partition_linear_fn)
+        module.forward = functools.partial(_all_gathered, functools.partial(_local_linear, module),
+                                           for_mesh(device_mesh), module.out_features)
         return module
 
 
@@ -108,8 +165,8 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
     n_kv_heads = model.args.n_kv_heads
     check_tp_degree(model.args, tp)
     parallelize_module(model, mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "output": ColwiseParallel(output_layouts=Replicate()),
+        "tok_embeddings": VocabParallelEmbedding(),
+        "output": GatheredColwiseParallel(),
     })
     plan = dict(BLOCK_PLAN)
     if tp > n_kv_heads:
