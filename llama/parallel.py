@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
+from llama import quantize
 from llama.args import ModelArgs
 from llama.errors import UserError
 from llama.model import Transformer
@@ -141,6 +142,52 @@ class KVHeadParallel(ParallelStyle):
         return module
 
 
+class QuantizedParallel(ParallelStyle):
+    """A linear layer with weight-only int8/int4 weights (llama.quantize), split like the
+    styles above: its stored tensors (values, scales, zeros) are DTensors, so DCP loads them
+    at any degree, split along the output rows (column-parallel, and the replicated KV heads'
+    2-D layout) or along the input (row-parallel, where an int8 per-row scale is replicated:
+    it covers the whole row). After quantize.pack_for_device the forward runs the quantized
+    kernel on the local shards, then the row-parallel all-reduce or the logits' all-gather."""
+
+    def __init__(self, scheme: quantize.Scheme, split_inputs: bool = False, gather_output: bool = False,
+                 kv_mesh: DeviceMesh | None = None) -> None:
+        super().__init__()
+        self.scheme, self.split_inputs, self.gather_output, self.kv_mesh = scheme, split_inputs, gather_output, kv_mesh
+
+    def _placements(self, shape: tuple[int, ...]) -> list[Shard | Replicate]:
+        if self.kv_mesh is not None:
+            return [Shard(0), Replicate()]
+        if not self.split_inputs:
+            return [Shard(0)]
+        return [Replicate()] if len(shape) == 1 else [Shard(1)]
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        rows, cols = module.weight.shape
+        float_dtype = module.weight.dtype
+        mesh = self.kv_mesh or device_mesh
+        for name, (shape, dtype) in quantize.layer_tensors(self.scheme, rows, cols).items():
+            stored = torch.empty(shape, dtype=dtype or float_dtype, device=module.weight.device)
+            setattr(module, name, nn.Parameter(distribute_tensor(stored, mesh, self._placements(shape)),
+                                               requires_grad=False))
+        module.scheme, module.packed = self.scheme, False
+        module.local_out_features = module.weight.to_local().shape[0]
+        local_forward = functools.partial(quantize.local_linear, module)
+        if self.gather_output and device_mesh.size() > 1:
+            module.forward = functools.partial(_all_gathered, local_forward, for_mesh(device_mesh), rows)
+        elif self.split_inputs and device_mesh.size() > 1:
+            module.forward = functools.partial(_all_reduced, local_forward, for_mesh(device_mesh))
+        else:
+            module.forward = local_forward
+        return module
+
+
+def quantized_block_plan(scheme: quantize.Scheme) -> dict[str, ParallelStyle]:
+    """BLOCK_PLAN with every linear layer quantized, split the same way."""
+    return {name: QuantizedParallel(scheme, split_inputs=isinstance(style, LocalRowwiseParallel))
+            for name, style in BLOCK_PLAN.items()}
+
+
 def local_kv_heads(n_kv_heads: int, tp: int) -> int:
     """KV heads each rank holds: a share of them, or one replicated head when tp > n_kv_heads."""
     return max(1, n_kv_heads // tp)
@@ -164,15 +211,18 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
     tp = mesh.size()
     n_kv_heads = model.args.n_kv_heads
     check_tp_degree(model.args, tp)
+    scheme = quantize.scheme_of(model.args)
+    quantize.check_tp_degree(model.args, tp)
     parallelize_module(model, mesh, {
         "tok_embeddings": VocabParallelEmbedding(),
-        "output": GatheredColwiseParallel(),
+        "output": QuantizedParallel(scheme, gather_output=True) if scheme else GatheredColwiseParallel(),
     })
-    plan = dict(BLOCK_PLAN)
+    plan = quantized_block_plan(scheme) if scheme else dict(BLOCK_PLAN)
     if tp > n_kv_heads:
         kv_mesh = DeviceMesh(mesh.device_type, mesh.mesh.view(n_kv_heads, tp // n_kv_heads),
                              mesh_dim_names=("kv_head", "replica"))
-        plan["attention.wk"] = plan["attention.wv"] = KVHeadParallel(kv_mesh)
+        kv_style = QuantizedParallel(scheme, kv_mesh=kv_mesh) if scheme else KVHeadParallel(kv_mesh)
+        plan["attention.wk"] = plan["attention.wv"] = kv_style
     for block in model.layers:
         parallelize_module(block, mesh, plan)
         block.attention.n_heads //= tp
