@@ -104,6 +104,9 @@ def _hub_files(api: HfApi, repo_id: str, commit: str) -> dict[str, RepoSibling] 
         info = api.model_info(repo_id, revision=commit, files_metadata=True)
     except (OfflineModeIsEnabled, httpx2.TransportError):  # what huggingface_hub itself falls back on
         return None
+    except KeyError as missing:  # the client cannot read a file entry that lacks a field, e.g. an LFS sha256
+        say(f"the Hub's file list lacks {missing} for some file: no file can be checked against the Hub")
+        info = api.model_info(repo_id, revision=commit)  # names only
     return {f.rfilename: f for f in info.siblings or ()}
 
 
@@ -194,10 +197,15 @@ def verify_files(snapshot: Path, folder: Path, hub_files: dict[str, RepoSibling]
     if checklists:
         expected = {path: checksum for chk in checklists for path, checksum in read_checklist(chk).items()}
     elif hub_files is not None:
-        expected = {snapshot / name: _hub_checksum(hub_files[name])
-                    for name in _relative_files(snapshot) if name in hub_files}
+        checksums = {name: _hub_checksum(hub_files[name]) for name in _relative_files(snapshot) if name in hub_files}
+        for name, checksum in checksums.items():
+            if checksum is None:
+                say(f"not verified: {name} (the Hub records no checksum for it)")
+        expected = {snapshot / name: checksum for name, checksum in checksums.items() if checksum is not None}
     else:
         say("not verified: there is no checklist.chk and the Hub's checksums need a connection")
+        return
+    if not expected:
         return
     with tqdm(total=sum(p.stat().st_size for p in expected), unit="B", unit_scale=True, desc="Verifying") as bar:
         for path, checksum in expected.items():
@@ -232,10 +240,11 @@ def read_checklist(path: Path) -> dict[Path, Checksum]:
     return expected
 
 
-def _hub_checksum(file: RepoSibling) -> Checksum:
+def _hub_checksum(file: RepoSibling) -> Checksum | None:
+    """The checksum the Hub records for `file`, or None where its answer has none."""
     if file.lfs is not None:
-        return Checksum("sha256", file.lfs.sha256, "the Hub's sha256")
-    return Checksum("git-sha1", file.blob_id, "the Hub's git blob id")
+        return Checksum("sha256", file.lfs.sha256, "the Hub's sha256") if file.lfs.sha256 else None
+    return Checksum("git-sha1", file.blob_id, "the Hub's git blob id") if file.blob_id else None
 
 
 def _relative_files(snapshot: Path) -> Iterable[str]:

@@ -1,6 +1,6 @@
 """A fake Hugging Face Hub on 127.0.0.1 speaking the endpoints snapshot_download uses.
 
-- GET /api/models/<repo>/revision/<rev>        repo info: commit sha and siblings (size, blobId, lfs sha256)
+- GET /api/models/<repo>/revision/<rev>        repo info: commit sha and siblings (?blobs=true: size, blobId, lfs sha256)
 - GET /api/models/<repo>/tree/<rev>            recursive file listing
 - HEAD|GET /<repo>/resolve/<rev>/<file>        file metadata headers / content, with Range support
 
@@ -34,6 +34,7 @@ class FakeRepo:
     gated: bool = False
     granted_tokens: set[str] = field(default_factory=set)
     declared_sizes: dict[str, int] = field(default_factory=dict)  # sizes announced instead of the real ones
+    no_checksum: set[str] = field(default_factory=set)  # listed without blobId, or an LFS entry without sha256
 
     def size(self, name: str) -> int:
         return self.declared_sizes.get(name, len(self.files[name]))
@@ -45,6 +46,8 @@ class FakeRepo:
         entry = {"rfilename": name, "size": self.size(name), "blobId": git_blob_id(self.files[name])}
         if name in self.lfs:
             entry["lfs"] = {"sha256": self.etag(name), "size": self.size(name), "pointerSize": 134}
+        if name in self.no_checksum:
+            del (entry["lfs"] if name in self.lfs else entry)["sha256" if name in self.lfs else "blobId"]
         return entry
 
     def tree_entry(self, name: str) -> dict:
@@ -138,9 +141,11 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._error(404, None, "Not found")
 
         def _info(self, repo: FakeRepo, match: re.Match, token: str | None, send_body: bool) -> None:
+            # Sizes and checksums only when asked for (?blobs=true), as the Hub does.
+            blobs = "blobs=true" in urlsplit(self.path).query.lower()
             info = {"id": match["repo"], "sha": repo.commit, "private": False,
                     "gated": "manual" if repo.gated else False,
-                    "siblings": [repo.sibling(name) for name in repo.files]}
+                    "siblings": [repo.sibling(name) if blobs else {"rfilename": name} for name in repo.files]}
             self._json(info)
 
         def _tree(self, repo: FakeRepo, match: re.Match, token: str | None, send_body: bool) -> None:

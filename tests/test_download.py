@@ -86,6 +86,8 @@ REPOS = {
     "test/wrong-md5": FakeRepo(_wrong_md5_files(), LLAMA2_LFS, COMMIT),
     "test/html-checklist": FakeRepo({**llama2_files(), "checklist.chk": b"<!DOCTYPE html>\n<html><body>Error</body>"},
                                     LLAMA2_LFS, COMMIT),
+    "test/no-blob-id": FakeRepo(LLAMA3_FILES, LLAMA3_LFS, COMMIT, no_checksum={"original/params.json"}),
+    "test/no-sha256": FakeRepo(LLAMA3_FILES, LLAMA3_LFS, COMMIT, no_checksum={"original/tokenizer.model"}),
     "test/huge": FakeRepo({"params.json": b"{}", "consolidated.00.pth": b"0"}, {"consolidated.00.pth"}, COMMIT,
                           declared_sizes={"consolidated.00.pth": 1 << 60}),
 }
@@ -281,6 +283,22 @@ def test_corrupt_transfer_fails_against_the_hubs_sha256_and_force_download_repai
     hub.corrupt.clear()
     repaired = download(hub, tmp_path, "--model_name", "meta-llama/Llama-3.1-8B", "--force_download")
     assert repaired.returncode == 0, repaired.stderr
+
+
+def test_files_the_hub_lists_without_a_checksum_are_named_not_verified(hub, tmp_path):
+    no_blob_id = download(hub, tmp_path, "--model_name", "test/no-blob-id")
+    assert no_blob_id.returncode == 0, no_blob_id.stderr
+    assert "not verified: original/params.json (the Hub records no checksum for it)" in no_blob_id.stderr
+    assert "verified 4 files against the Hub's git blob id, the Hub's sha256" in no_blob_id.stderr
+
+    # huggingface_hub cannot read an LFS entry without its sha256: then no file is checked
+    no_sha256 = download(hub, tmp_path, "--model_name", "test/no-sha256")
+    assert no_sha256.returncode == 0, no_sha256.stderr
+    assert "the Hub's file list lacks 'sha256' for some file: no file can be checked against the Hub" \
+        in no_sha256.stderr
+    assert [line.removeprefix("not verified: ").split()[0] for line in no_sha256.stderr.splitlines()
+            if line.startswith("not verified: ")] == sorted(LLAMA3_META)
+    assert no_sha256.stdout == f"{snapshot_of(tmp_path, 'test/no-sha256') / 'original'}\n"
 
 
 def test_disk_space_is_checked_before_downloading(hub, tmp_path):
