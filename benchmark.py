@@ -22,7 +22,7 @@ from llama import benchmarking as bench
 from llama import quantize
 from llama.args import ModelArgs
 from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
-from llama.distributed import Runtime, init_runtime, log, run_cli
+from llama.distributed import Runtime, add_timeout_argument, init_runtime, log, run_cli
 from llama.errors import UserError
 from llama.generation import use_compiled_decode
 from llama.model import Transformer
@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, help="override model_args.json (random weights: the release's)")
     p.add_argument("--max_batch_size", type=int, help="override model_args.json (random weights: the largest batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and weights")
+    add_timeout_argument(p)
     p.add_argument("--output_json", type=Path, help="write every figure and the configuration here")
     p.add_argument("--csv", type=Path, nargs="?", const=Path("llama_benchmarks.csv"),
                    help="append one row per configuration (default file: llama_benchmarks.csv)")
@@ -138,7 +139,7 @@ def build_model(args: argparse.Namespace, runtime: Runtime, dtype_name: str, con
 def main() -> None:
     args = parse_args()
     check_inputs(args)
-    runtime = init_runtime()
+    runtime = init_runtime(timeout_s=args.timeout)
     configs = [bench.Config(b, p, g) for b, p, g in itertools.product(
         int_list("batch_size", args.batch_size, 1), int_list("prompt_len", args.prompt_len, 1),
         int_list("gen_len", args.gen_len, 2))]

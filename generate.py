@@ -14,7 +14,7 @@ from llama.chat import CHAT_FORMATS, load_dialogs, resolve_chat_format
 from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
 from llama.demo import DEMO_PROMPTS, ensure_demo_checkpoint
 from llama.completion import complete_dialogs, complete_prompts
-from llama.distributed import init_runtime, run_cli
+from llama.distributed import add_timeout_argument, init_runtime, run_cli
 from llama.errors import UserError
 from llama.generation import use_compiled_decode
 from llama.interactive import run_chat
@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, help="override model_args.json")
     p.add_argument("--max_batch_size", type=int, help="override model_args.json")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster tokens)")
+    add_timeout_argument(p)
     p.add_argument("--echo", action="store_true", help="print each prompt and its completion as one text")
     p.add_argument("--output_json", type=Path, help="also write prompts, tokens, logprobs and texts here")
     p.add_argument("--stream", action="store_true", help="print each completion as it is generated "
@@ -100,7 +101,7 @@ def main() -> None:
     check_modes(args)
     if not args.demo and not args.converted_ckpt_dir:
         raise UserError("--converted_ckpt_dir is required (or --demo for the built-in example)")
-    runtime = init_runtime()
+    runtime = init_runtime(timeout_s=args.timeout)
     chat = args.dialogs or args.interactive
     prompts = [] if chat else read_prompts(args)
     dialogs = load_dialogs(args.dialogs) if args.dialogs else []

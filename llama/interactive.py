@@ -28,8 +28,8 @@ from llama.tokenizer import Tokenizer
 
 EXIT = "/exit"
 COMMANDS = "/reset, /system TEXT, /exit (Ctrl-D and Ctrl-C also quit)"
-# Ranks other than 0 wait for the user's line inside a collective, which times out (NCCL
-# after 10 minutes by default): rank 0 tells them "nothing yet" this often.
+# Ranks other than 0 wait for the user's line inside a collective, which times out (after
+# --timeout): rank 0 tells them "nothing yet" this often, or twice per timeout if that is shorter.
 IDLE_BROADCAST_S = 60.0
 
 
@@ -174,7 +174,7 @@ class CtrlC:
             if lines is not None:
                 self.reading = True
                 try:
-                    line = EXIT if self.pressed else lines.poll(IDLE_BROADCAST_S)
+                    line = EXIT if self.pressed else lines.poll(min(IDLE_BROADCAST_S, self.runtime.timeout_s / 2))
                 except KeyboardInterrupt:
                     line = EXIT
                 finally:

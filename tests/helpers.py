@@ -68,15 +68,27 @@ def make_meta_checkpoint(out_dir: Path, tokenizer_path: Path, n_shards: int = 1,
     return args
 
 
+def torchrun_command(script: str, *args: object, nproc: int = 1, rdzv_port: int | None = None) -> list[str]:
+    """torchrun running one of the project's scripts with `nproc` ranks: a job of its own, or
+    with `rdzv_port` one of two launchers ("nodes") that meet at 127.0.0.1:rdzv_port."""
+    launch = (["--standalone"] if rdzv_port is None else
+              ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}"])
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc_per_node", str(nproc),
+            str(REPO / script), *map(str, args)]
+
+
+def script_env(gpu: bool = False, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a launched script: CPU and gloo unless `gpu`, which leaves the GPUs
+    visible (NCCL)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""}), **(env or {})}
+
+
 def run_script(script: str, *args: object, nproc: int = 1, timeout: float = 300, gpu: bool = False,
                env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts under torchrun with `nproc` ranks: CPU and gloo
-    unless `gpu`, which leaves the GPUs visible (NCCL)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(REPO / script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **({} if gpu else {"CUDA_VISIBLE_DEVICES": ""}),
-                **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, input=input)
+    """Run one of the project's scripts under torchrun with `nproc` ranks (see script_env)."""
+    return subprocess.run(torchrun_command(script, *args, nproc=nproc), capture_output=True, text=True,
+                          timeout=timeout, env=script_env(gpu, env), cwd=REPO, input=input)
 
 
 def convert(src: Path, out: Path, nproc: int = 1, *extra: object) -> subprocess.CompletedProcess:
