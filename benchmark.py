@@ -165,10 +165,11 @@ def main() -> None:
             log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s (read "
                 f"{ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
         hf_model = bench.build_hf_model(model, runtime) if args.baseline else None
+        memory.exclude(hf_model)
         for config in configs:
             memory.reset()
             measured = bench.run_config(model, config, args.warmup, args.trials, bool(args.baseline), hf_model,
-                                        threads * runtime.world_size, args.seed)
+                                        threads * runtime.world_size, args.seed, memory)
             result = bench.summarize(measured, model, dtype_name, ceilings[dtype_name], memory)
             result["quantize"] = scheme.describe() if scheme else None
             results.append(result)

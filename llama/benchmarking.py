@@ -8,13 +8,15 @@ count the sum over ranks, so a TP=k run is reported as one machine.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import platform
+import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,21 +237,59 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class PeakMemory:
-    """Peak memory of this process: CUDA's max allocated/reserved since the last reset, or
-    on CPU the peak resident set size, which the OS keeps for the whole process lifetime."""
+    """Peak memory of this process during the project's own trials since the last reset: CUDA's
+    max allocated/reserved, or on CPU the peak resident set size (Linux lets a process reset
+    its high-water mark; elsewhere it covers the whole process lifetime). The weights of a
+    baseline model that stays on this rank meanwhile are left out (see exclude)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.excluded_bytes = 0
+        self.peak: dict[str, int] = {}
+
+    def exclude(self, module: torch.nn.Module | None) -> None:
+        """Leave out the parameters and buffers of `module` (None: nothing)."""
+        tensors = [] if module is None else [*module.parameters(), *module.buffers()]
+        self.excluded_bytes = sum(t.numel() * t.element_size() for t in tensors)
 
     def reset(self) -> None:
+        self.peak = {}
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Count the peak of what runs inside (max over every use since reset())."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_peak_rss()
+        yield
+        if self.device.type == "cuda":
+            now = {"max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+                   "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
+        else:
+            now = {"peak_rss_bytes": _peak_rss()}
+        self.peak = {k: max(self.peak.get(k, 0), v - self.excluded_bytes) for k, v in now.items()}
 
     def read(self) -> dict[str, int]:
-        if self.device.type == "cuda":
-            return {"max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
-                    "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
-        return {"peak_rss_bytes": peak_rss_bytes()}
+        return self.peak
+
+
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Make the peak resident set size start again from the current one (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the peak stays the process lifetime's
+        pass
+
+
+def _peak_rss() -> int:
+    try:
+        return 1024 * int(re.search(r"VmHWM:\s+(\d+) kB", _PROC_STATUS.read_text())[1])
+    except (OSError, TypeError):
+        return peak_rss_bytes()
 
 
 def gather_per_rank(value: dict[str, int]) -> list[dict[str, int]]:
@@ -321,14 +361,16 @@ class Measurement:
 
 
 def run_config(model: Transformer, config: Config, warmup: int, trials: int, baseline: bool,
-               hf_model: torch.nn.Module | None, hf_threads: int, seed: int) -> Measurement:
+               hf_model: torch.nn.Module | None, hf_threads: int, seed: int, memory: PeakMemory) -> Measurement:
     """Warm-up runs (not counted), then timed trials of ours and, with `baseline`, of
     transformers' (on rank 0, which holds `hf_model`). The two alternate run by run, so a
-    change in the machine's load during the run touches both sides of the ratio alike."""
+    change in the machine's load during the run touches both sides of the ratio alike.
+    `memory` measures our runs only."""
     prompts = random_prompts(config, model.args.vocab_size, seed)
     result = Measurement(config)
     for i in range(warmup + trials):
-        ours = time_generate(model, prompts, config.gen_len)
+        with memory.measuring():
+            ours = time_generate(model, prompts, config.gen_len)
         theirs = _time_baseline(hf_model, prompts, config.gen_len, hf_threads) if baseline else None
         if i >= warmup:
             result.trials.append(ours)
@@ -442,13 +484,26 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> object:
 
 def build_hf_model(model: Transformer, runtime: Runtime) -> torch.nn.Module | None:
     """transformers' LlamaForCausalLM holding our model's weights, on rank 0 (None elsewhere).
-    Every rank takes part in gathering the full weights; rank 0 keeps them."""
+    Every rank takes part in gathering the full weights, one tensor at a time, and rank 0
+    keeps each on the CPU: no device ever holds more than one unsharded weight beside its
+    shards. Rank 0 then moves the model to its device, if it fits there."""
     from transformers import LlamaForCausalLM
     from transformers.initialization import no_init_weights
 
-    full = {name: _full(t) for name, t in model.state_dict().items()}
+    full = {}
+    state = model.state_dict()
+    for name in model.args.weight_shapes():
+        gathered = _full(state[name])
+        if runtime.is_main:
+            full[name] = gathered.cpu()
+        del gathered
     if not runtime.is_main:
         return None
+    if runtime.device.type == "cuda":
+        needed, (free, _) = sum(t.nbytes for t in full.values()), torch.cuda.mem_get_info(runtime.device)
+        if needed > free:
+            raise UserError(f"--baseline hf needs the whole model on rank 0's GPU ({needed / 1e9:.1f} GB) but only "
+                            f"{free / 1e9:.1f} GB is free there; drop --baseline, or benchmark a smaller shape")
     dtype = model.output.weight.dtype
     with no_init_weights(), torch.device("meta"):
         hf = LlamaForCausalLM(hf_config(model.args, dtype))

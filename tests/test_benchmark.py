@@ -108,6 +108,27 @@ def test_hf_baseline_computes_our_model():
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_peak_memory_counts_only_our_runs_without_the_baseline_weights():
+    """What ran before (the baseline's trials, the ceiling) and the baseline model's resident
+    weights stay out of the project's peak."""
+    memory = bench.PeakMemory(torch.device("cpu"))
+    outside = torch.ones(256 * 2**20 // 4)  # 256 MiB touched before measuring
+    del outside
+    resident = torch.nn.Linear(2048, 2048)  # 16 MiB that stays, like the baseline's weights
+    with memory.measuring():
+        inside = torch.ones(32 * 2**20 // 4)
+        del inside
+    with_weights = memory.read()["peak_rss_bytes"]
+    memory.reset()
+    memory.exclude(resident)
+    with memory.measuring():
+        inside = torch.ones(32 * 2**20 // 4)
+        del inside
+    rss = bench._peak_rss()  # the high-water mark since the last reset: about the current size
+    assert with_weights < rss + 64 * 2**20  # the 256 MiB before measuring are not in it
+    assert memory.read()["peak_rss_bytes"] == pytest.approx(with_weights - 16 * 2**20, abs=8 * 2**20)
+
+
 SPREAD_KEYS = {"min", "median", "max"}
 TRIAL_KEYS = {"ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s_per_seq", "decode_tokens_per_s_batch",
               "decode_latency_ms"}
