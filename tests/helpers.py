@@ -5,9 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,3 +109,108 @@ def generate_json(ckpt: Path, out_json: Path, *prompts: str, nproc: int = 1, ext
                         "--temperature", "0", *args, *extra, nproc=nproc)
     assert result.returncode == 0, result.stderr
     return json.loads(out_json.read_text())
+
+
+# --- launchers whose processes a test watches, kills and reads as they run -------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launchers:
+    """Running torchrun launchers (one job of its own, or two nodes of one job) whose output
+    is read as it comes; every process they started is killed when the test ends."""
+
+    def __init__(self, script: str, *args: object, nodes: int = 1, nproc: int = 2, gpu: bool = False) -> None:
+        port = free_port() if nodes == 2 else None
+        self.procs = [subprocess.Popen(torchrun_command(script, *args, nproc=nproc, rdzv_port=port),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env=script_env(gpu), cwd=REPO) for _ in range(nodes)]
+        self.out = [b""] * nodes
+        self.err = [b""] * nodes
+        self.started_workers: set[int] = set()
+
+    def __enter__(self) -> Launchers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pid in self.started_workers:  # workers run in sessions of their own: kill them one by one
+            kill(pid)
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+    def workers(self, count: int, timeout: float = 60) -> dict[int, int]:
+        """rank -> pid of the `count` workers, once all have started."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = {}
+            for proc in self.procs:
+                for pid in children(proc.pid):
+                    rank = environ(pid).get("RANK")
+                    if rank is not None:
+                        found[int(rank)] = pid
+            self.started_workers |= set(found.values())
+            if len(found) == count:
+                return found
+            assert time.monotonic() < deadline, f"{len(found)} of {count} workers started"
+            time.sleep(0.1)
+
+    def read_until(self, node: int, done: Callable[[bytes], bool], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        stream = self.procs[node].stdout
+        while not done(self.out[node]):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"still waiting after {timeout}s: {self.out[node]!r}"
+            if select.select([stream], [], [], remaining)[0]:
+                chunk = os.read(stream.fileno(), 65536)
+                assert chunk, f"output ended early: {self.out[node]!r} {self.procs[node].stderr.read()!r}"
+                self.out[node] += chunk
+
+    def wait(self, node: int, timeout: float) -> int:
+        """The launcher's exit status, once it and every process writing to its output ended
+        (stdin stays open: closing it would end an interactive session)."""
+        proc = self.procs[node]
+        proc.wait(timeout=timeout)
+        self.out[node] += proc.stdout.read()
+        self.err[node] += proc.stderr.read()
+        return proc.returncode
+
+    def error_lines(self, node: int | None = None) -> list[str]:
+        """Our error lines (torchrun's own report of failed workers has none) of one launcher or all."""
+        errs = self.err if node is None else [self.err[node]]
+        return [line for err in errs for line in err.decode().splitlines() if line.startswith("error")]
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (a launcher's workers)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -6,122 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from helpers import LLAMA3_TINY, REPO, make_meta_checkpoint, run_script, script_env, torchrun_command
+from helpers import LLAMA3_TINY, Launchers, alive, children, make_meta_checkpoint, run_script
 
 LOST_RANK_BOUND_S = 60
 # Every job here must end long before this, or the test fails.
 JOB_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Launchers:
-    """Running torchrun launchers (one job of its own, or two nodes of one job) whose output
-    is read as it comes; every process they started is killed when the test ends."""
-
-    def __init__(self, script: str, *args: object, nodes: int = 1, nproc: int = 2) -> None:
-        port = free_port() if nodes == 2 else None
-        self.procs = [subprocess.Popen(torchrun_command(script, *args, nproc=nproc, rdzv_port=port),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       env=script_env(), cwd=REPO) for _ in range(nodes)]
-        self.out = [b""] * nodes
-        self.err = [b""] * nodes
-        self.started_workers: set[int] = set()
-
-    def __enter__(self) -> Launchers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for pid in self.started_workers:  # workers run in sessions of their own: kill them one by one
-            _kill(pid)
-        for proc in self.procs:
-            proc.kill()
-            proc.wait()
-
-    def workers(self, count: int, timeout: float = 60) -> dict[int, int]:
-        """rank -> pid of the `count` workers, once all have started."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = {}
-            for proc in self.procs:
-                for pid in _children(proc.pid):
-                    rank = _environ(pid).get("RANK")
-                    if rank is not None:
-                        found[int(rank)] = pid
-            self.started_workers |= set(found.values())
-            if len(found) == count:
-                return found
-            assert time.monotonic() < deadline, f"{len(found)} of {count} workers started"
-            time.sleep(0.1)
-
-    def read_until(self, node: int, done: Callable[[bytes], bool], timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        stream = self.procs[node].stdout
-        while not done(self.out[node]):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"still waiting after {timeout}s: {self.out[node]!r}"
-            if select.select([stream], [], [], remaining)[0]:
-                chunk = os.read(stream.fileno(), 65536)
-                assert chunk, f"output ended early: {self.out[node]!r} {self.procs[node].stderr.read()!r}"
-                self.out[node] += chunk
-
-    def wait(self, node: int, timeout: float) -> int:
-        """The launcher's exit status, once it and every process writing to its output ended
-        (stdin stays open: closing it would end an interactive session)."""
-        proc = self.procs[node]
-        proc.wait(timeout=timeout)
-        self.out[node] += proc.stdout.read()
-        self.err[node] += proc.stderr.read()
-        return proc.returncode
-
-    def error_lines(self, node: int | None = None) -> list[str]:
-        """Our error lines (torchrun's own report of failed workers has none) of one launcher or all."""
-        errs = self.err if node is None else [self.err[node]]
-        return [line for err in errs for line in err.decode().splitlines() if line.startswith("error")]
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def run_two_nodes(script: str, *args: object) -> list[subprocess.CompletedProcess]:
@@ -168,6 +66,8 @@ def test_two_launchers_generate_and_benchmark_like_one(two_node_ckpt, tmp_path):
                           "--batch_size", "1", "--prompt_len", "4", "--gen_len", "4", "--trials", "1", "--warmup",
                           "0", "--output_json", tmp_path / "bench.json")
     assert_succeeded(bench)
+    # Ranks under two launchers count as two machines: torch.distributed, never shared memory.
+    assert "collectives: torch.distributed (gloo)" in "".join(r.stdout for r in bench)
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["config"]["world_size"] == 2 and len(report["results"]) == 1
     assert report["results"][0]["decode_tokens_per_s_batch"]["median"] > 0
@@ -187,7 +87,7 @@ def assert_lost(job: Launchers, lost_rank: int, killed_at: float, survivors: lis
     lines = [line for line in job.error_lines() if line.startswith("error: lost rank")]
     assert lines == [line for line in job.error_lines() if line.startswith("error:")], job.error_lines()
     assert len(lines) == 1 and lines[0].startswith(f"error: lost rank {lost_rank} ("), job.error_lines()
-    assert all(not _alive(pid) for pid in job.started_workers)
+    assert all(not alive(pid) for pid in job.started_workers)
 
 
 def test_rank_killed_while_loading(two_node_ckpt, tmp_path):
@@ -228,7 +128,7 @@ def test_rank_killed_in_interactive_chat_across_launchers(two_node_ckpt):
     """Rank 0 (reading the terminal) dies; rank 1, on the other launcher, waits for its line."""
     with Launchers("generate.py", *generate_args(two_node_ckpt, "--interactive"), nodes=2, nproc=1) as job:
         ranks = job.workers(2)
-        first = next(node for node, proc in enumerate(job.procs) if ranks[0] in _children(proc.pid))
+        first = next(node for node, proc in enumerate(job.procs) if ranks[0] in children(proc.pid))
         job.read_until(first, lambda out: out.endswith(b"> "))
         os.kill(ranks[0], signal.SIGKILL)
         assert_lost(job, 0, time.monotonic(), survivors=[1 - first])
@@ -238,12 +138,12 @@ def test_killed_launcher_ends_the_other_node(two_node_ckpt):
     """The launcher of rank 1's node dies: its worker notices and stops, rank 0 reports it lost."""
     with Launchers("generate.py", *generate_args(two_node_ckpt, "--interactive"), nodes=2, nproc=1) as job:
         ranks = job.workers(2)
-        second = next(node for node, proc in enumerate(job.procs) if ranks[1] in _children(proc.pid))
+        second = next(node for node, proc in enumerate(job.procs) if ranks[1] in children(proc.pid))
         job.read_until(1 - second, lambda out: out.endswith(b"> "))
         job.procs[second].kill()
         killed_at = time.monotonic()
         assert job.wait(1 - second, timeout=LOST_RANK_BOUND_S) != 0
-        while _alive(ranks[1]):
+        while alive(ranks[1]):
             assert time.monotonic() - killed_at < LOST_RANK_BOUND_S, "the orphaned rank 1 kept running"
             time.sleep(0.1)
         job.wait(second, timeout=10)  # its stderr: the orphan's own line
