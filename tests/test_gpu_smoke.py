@@ -100,6 +100,21 @@ def test_lost_rank_ends_the_job_under_nccl(ckpt):
         assert len(lines) == 1 and lines[0].startswith("error: lost rank 1 ("), lines
 
 
+def test_an_error_on_one_rank_ends_the_others_at_once(ckpt, tmp_path):
+    """Rank 0 fails writing --output_json while rank 1 waits in the final barrier (NCCL would
+    hold it there until the collective timeout): the job ends now, the error said once."""
+    skip_unless_gpus(2)
+    started = time.monotonic()
+    result = run_script("benchmark.py", "--converted_ckpt_dir", ckpt, "--batch_size", "1", "--prompt_len", "4",
+                        "--gen_len", "4", "--trials", "1", "--warmup", "0", "--output_json",
+                        tmp_path / "missing" / "bench.json", nproc=2, gpu=True, timeout=PROCESS_TIMEOUT_S)
+    assert result.returncode != 0
+    assert time.monotonic() - started < PROCESS_TIMEOUT_S / 2
+    lines = result.stderr.splitlines()
+    assert sum(line.startswith("FileNotFoundError") for line in lines) == 1, result.stderr
+    assert not any(line.startswith(("error", "RuntimeError")) for line in lines), result.stderr
+
+
 def test_more_ranks_than_gpus(tmp_path):
     result = run_script("generate.py", "--demo", nproc=N_GPUS + 1, gpu=True, env={"TP_LLAMA_CACHE": str(tmp_path)})
     assert result.returncode != 0
