@@ -16,20 +16,37 @@
 # card's HBM bandwidth a decode step uses (of the card's published figure, and of the ceiling
 # the benchmark measures on it). Logs, JSON and the table go to $OUT when it is set, otherwise
 # to a new folder under /tmp. Nothing is installed: a step whose packages are missing is
-# skipped and says which. The exit status is 0 only if no step failed.
+# skipped and says which. Steps 1-3 take at most 8 minutes; every step is also cut to what is
+# left of GPU_CHECK_BUDGET_S (default 600) and skipped once less than a minute is left, so the
+# whole check ends in time. The exit status is 0 only if no step failed.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
+export out
 mkdir -p "$out"
 summary="$out/steps.tsv"
 : > "$summary"
+budget_end=$((SECONDS + ${GPU_CHECK_BUDGET_S:-600}))
 
-# step NAME SECONDS MODULES COMMAND...: run COMMAND with its output in $out/NAME.log, killed
-# after SECONDS; skipped when importing one of the comma-separated Python MODULES (a script
-# of this repository imports all it needs) finds a package missing.
+# step NAME SECONDS MODULES COMMAND...: run COMMAND (a program, or a function of this script)
+# with its output in $out/NAME.log, killed after SECONDS; skipped when importing one of the
+# comma-separated Python MODULES (a script of this repository imports all it needs) finds a
+# package missing.
 step() {
     local name=$1 seconds=$2 modules=$3
     shift 3
+    local left=$((budget_end - SECONDS))
+    if [ "$left" -lt 60 ]; then
+        printf '%s	skipped (out of time: GPU_CHECK_BUDGET_S)	0
+' "$name" >> "$summary"
+        echo "[$name] skipped: out of time"
+        return
+    fi
+    [ "$seconds" -gt "$left" ] && seconds=$left
+    echo "[$name] running (at most ${seconds}s): $*"
+    if declare -F "$1" > /dev/null; then  # timeout runs programs: a function gets a bash of its own
+        set -- bash -c "$(declare -f "$1")"$'\n''"$@"' "$0" "$@"
+    fi
     local missing
     missing=$(python3 -c "
 import importlib, sys
@@ -43,7 +60,6 @@ for module in sys.argv[1].split(','):
         echo "[$name] skipped: missing $missing"
         return
     fi
-    echo "[$name] running (at most ${seconds}s): $*"
     local start=$SECONDS status
     timeout --kill-after=20 "$seconds" "$@" > "$out/$name.log" 2>&1
     local rc=$?
