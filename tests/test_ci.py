@@ -1,7 +1,9 @@
 """CI (.ci/run) must run the README's own install and test commands, so what CI proves is what
 a new user does."""
 
-from helpers import REPO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ci_runs_the_readme_commands():
