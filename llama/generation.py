@@ -85,9 +85,11 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     if sampling:
         probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        kept = sorted_probs.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None], 0.0)
-        mass = kept.cumsum(dim=-1)
-        index = (mass <= uniform[:, None] * mass[:, -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+        mass = sorted_probs.cumsum(dim=-1)
+        kept = mass - sorted_probs <= top_p[:, None]  # a prefix of the sorted tokens
+        # One scan only: inductor (torch 2.11, CUDA) fails to compile a cumsum of a cumsum.
+        total = mass.gather(-1, kept.sum(dim=-1, keepdim=True) - 1)
+        index = (kept & (mass <= uniform[:, None] * total)).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
         sampled = order.gather(-1, index[:, None]).squeeze(-1)
         tokens = torch.where(temperature > 0, sampled, tokens)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
