@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from llama import quantize
+from llama import cpu_linear, quantize
 from llama.args import ModelArgs
 from llama.errors import UserError
 from llama.model import Transformer
@@ -28,7 +28,8 @@ from llama.shm_collectives import Collectives, for_mesh
 
 
 def _local_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight.to_local())
+    """x times the local shard; llama.cpu_linear chooses the kernel by what the CPU has."""
+    return cpu_linear.linear(x, module.weight.to_local())
 
 
 def _all_reduced(local_forward: Callable[[torch.Tensor], torch.Tensor], collectives: Collectives,

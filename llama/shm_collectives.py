@@ -15,8 +15,8 @@ rank (all ranks sample from the same logits). A rank that waits checks every 20 
 ranks it waits for are still alive and gives up after the process group's timeout, so a
 killed peer ends the others at once instead of leaving them spinning.
 
-The C part is compiled once per machine into ~/.cache/tp-llama (well under a second; no
-torch headers) and loaded with ctypes. It is used only when every rank can map the segment
+The C part is built once per machine by llama.native (about a second; no torch headers) and
+loaded with ctypes. It is used only when every rank can map the segment
 rank 0 created (so it never engages across hosts), the ranks see each other's processes,
 and a C compiler exists; otherwise, and for GPU tensors, torch.distributed does the work.
 TP_LLAMA_SHM=0 turns it off. Inside a compiled decode step the shared-memory path runs as
@@ -26,13 +26,10 @@ custom ops (tp_llama::shm_all_reduce / shm_all_gather) with fake implementations
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import functools
 import mmap
 import os
 import secrets
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,8 +37,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
+from llama import native
+
 _SOURCE = Path(__file__).with_name("shm_collectives.c")
-_CFLAGS = ("-O3", "-shared", "-fPIC")
 _SHM_DIR = Path("/dev/shm")
 
 # Bytes each rank exchanges per round; larger tensors take several rounds. 2 x ranks x this
@@ -61,29 +59,11 @@ class PeerLostError(RuntimeError):
     """A rank died, or never arrived, while the others waited for it in a collective."""
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tp-llama"
-
-
-def _compile() -> ctypes.CDLL | None:
-    """The C side, built once per source and compiler and kept in the cache; None without a
-    C compiler. Concurrent ranks each build to a temporary name and rename it into place."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = native.build(_SOURCE)
+    if lib is None:
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *_CFLAGS, os.uname().machine)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"shm_collectives-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
-        os.close(fd)
-        built = subprocess.run([compiler, *_CFLAGS, "-o", tmp, str(_SOURCE)], capture_output=True)
-        if built.returncode != 0:
-            os.unlink(tmp)
-            return None
-        os.replace(tmp, target)
-    lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.shm_segment_bytes.argtypes, lib.shm_segment_bytes.restype = [ctypes.c_int, i64], i64
     lib.shm_set_identity.argtypes, lib.shm_set_identity.restype = [ptr, ctypes.c_int, i64, ctypes.c_uint64], None
@@ -93,15 +73,6 @@ def _compile() -> ctypes.CDLL | None:
                                    ctypes.c_double]
     lib.shm_all_gather.argtypes = [ptr, ctypes.c_int, ctypes.c_int, i64, ptr, ptr, i64, i64, ctypes.c_double]
     return lib
-
-
-_LIBRARY: list[ctypes.CDLL | None] = []
-
-
-def _library() -> ctypes.CDLL | None:
-    if not _LIBRARY:
-        _LIBRARY.append(_compile())
-    return _LIBRARY[0]
 
 
 class _Segment:

@@ -1,0 +1,119 @@
+"""The linear layers' matrix products, chosen by what the CPU computes natively.
+
+The CPU default dtype is bf16 (half the bytes a decode step reads) and was chosen on a CPU
+with native bf16 (AVX512-BF16 / AMX, which oneDNN uses). Without it (AVX2-only x86: many
+cloud and laptop CPUs; AVX-512 without BF16), torch multiplies bf16 with its own generic
+kernels: measured on an AVX2-only AMD EPYC, a 128x2048 by 2048x8192 product runs at 21
+GFLOP/s in bf16 and 87 in fp32, so a 128-token prefill of the llama3.2-1b shape took 12 s.
+On such CPUs, with the weights kept in bf16:
+
+- products of many rows (prefill, large batches) are float32 GEMMs on the weight, upcast a
+  block of rows at a time into a buffer that stays in cache (upcasting it whole first costs
+  a full extra pass over memory: 50 GFLOP/s instead of 87);
+- products of a few rows (decode) go through cpu_linear.c, which reads the bf16 weight once
+  and accumulates in float32.
+
+Everywhere else (native bf16, GPUs, float32 or float16 weights) F.linear as before. Outputs
+are rounded to the activations' dtype once, as torch's bf16 kernels round them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llama import native
+
+_SOURCE = Path(__file__).with_name("cpu_linear.c")
+# At most this many rows go through cpu_linear.c (it reads the weight once per 4 rows);
+# more are a float32 GEMM.
+FEW_ROWS = 8
+# Bytes of the float32 block of weight rows that a GEMM multiplies at a time.
+BLOCK_BYTES = 4 << 20
+
+
+def _native_bf16() -> bool:
+    """Whether torch multiplies bf16 natively here: an x86 CPU with AVX512-BF16 or AMX,
+    unless ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA hold torch below them (which is how an
+    AVX2-only CPU is emulated on a newer one). Other architectures keep torch's kernels."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if isa not in ("ALL", "DEFAULT") and not any(name in isa for name in ("BF16", "AMX", "AVX10")):
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+# Decided once (a constant to torch.compile).
+NATIVE_BF16 = _native_bf16()
+
+
+def uses_fp32_products(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not NATIVE_BF16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, the product of every linear layer of the model: the one place that
+    chooses how (see the module's docstring)."""
+    if not uses_fp32_products(weight):
+        return F.linear(x, weight)
+    if torch.compiler.is_compiling():
+        return torch.ops.tp_llama.bf16_linear(x, weight)
+    return _bf16_linear(x, weight)  # eager: skip the dispatcher
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    flags = ["-fopenmp"]  # resolves to the OpenMP runtime torch has loaded (the same soname)
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
+        flags += ["-mavx2", "-mfma"]
+    lib = native.build(_SOURCE, tuple(flags))
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
+    return lib
+
+
+def _bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    rows = x.numel() // k
+    lib = _library()
+    if rows <= FEW_ROWS and lib is not None and x.dtype == torch.bfloat16 and weight.stride(1) == 1:
+        x2 = x.reshape(rows, k).contiguous()
+        y = x.new_empty((*x.shape[:-1], n))
+        if lib.bf16_linear(x2.data_ptr(), rows, k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
+                           torch.get_num_threads()) != 0:
+            raise MemoryError(f"{rows} x {k} float32 activations")
+        return y
+    y = _blocked_gemm(x.reshape(rows, k).to(torch.float32), weight)
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _blocked_gemm(x32: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    y = torch.empty(x32.shape[0], n, dtype=torch.float32)
+    step = max(1, BLOCK_BYTES // (4 * k))
+    block = torch.empty(min(step, n), k, dtype=torch.float32)
+    for start in range(0, n, step):
+        rows = block[:min(step, n - start)]
+        rows.copy_(weight[start:start + step])
+        torch.mm(x32, rows.t(), out=y[:, start:start + step])
+    return y
+
+
+@torch.library.custom_op("tp_llama::bf16_linear", mutates_args=())
+def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _bf16_linear(x, weight)
+
+
+@_bf16_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
