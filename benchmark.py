@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib.util
 import itertools
+import json
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from llama.distributed import Runtime, add_timeout_argument, init_runtime, log, 
 from llama.errors import UserError
 from llama.generation import use_compiled_decode
 from llama.model import Transformer
+from llama.shm_collectives import for_mesh
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=3, help="timed runs per configuration (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--collectives", action="store_true",
+                   help="instead: the latency of the TP all-reduce (4 and 64 KB) through the path the model uses "
+                        "(shared memory or torch.distributed) beside torch.distributed's")
     p.add_argument("--baseline", choices=["hf"], help="also run transformers' LlamaForCausalLM.generate on the "
                                                       "same weights, device, dtype and threads")
     p.add_argument("--max_seq_len", type=int, help="override model_args.json (random weights: the release's)")
@@ -72,7 +77,7 @@ def int_list(flag: str, text: str, minimum: int) -> list[int]:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Everything that can be rejected before any model is built."""
-    if bool(args.converted_ckpt_dir) == bool(args.random_weights):
+    if bool(args.converted_ckpt_dir) == bool(args.random_weights) and not args.collectives:
         raise UserError("pass exactly one of --converted_ckpt_dir DIR or --random_weights SHAPE")
     if args.trials < 1 or args.warmup < 0:
         raise UserError("--trials must be at least 1 and --warmup at least 0")
@@ -136,10 +141,27 @@ def build_model(args: argparse.Namespace, runtime: Runtime, dtype_name: str, con
     return model
 
 
+def collectives(runtime: Runtime, output_json: Path | None) -> None:
+    """benchmark.py --collectives."""
+    if runtime.world_size == 1:
+        raise UserError("--collectives measures the collectives between ranks: run it under torchrun with "
+                        "--nproc_per_node 2 or more")
+    log(f"TP={runtime.world_size} on {bench.device_name(runtime.device)}, {torch.get_num_threads()} thread(s) per "
+        f"rank, torch {torch.__version__}, collectives: {for_mesh(runtime.mesh).path}")
+    rows = bench.measure_collectives(runtime)
+    log(bench.format_collectives(rows))
+    if output_json and runtime.is_main:
+        output_json.write_text(json.dumps({"collectives": for_mesh(runtime.mesh).path, "all_reduce": rows},
+                                          indent=2) + "\n")
+
+
 def main() -> None:
     args = parse_args()
     check_inputs(args)
     runtime = init_runtime(timeout_s=args.timeout)
+    if args.collectives:
+        collectives(runtime, args.output_json)
+        return
     configs = [bench.Config(b, p, g) for b, p, g in itertools.product(
         int_list("batch_size", args.batch_size, 1), int_list("prompt_len", args.prompt_len, 1),
         int_list("gen_len", args.gen_len, 2))]
@@ -150,7 +172,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     log(f"{args.random_weights or args.converted_ckpt_dir}: TP={runtime.world_size} on "
         f"{bench.device_name(runtime.device)}, {threads} thread(s) per rank, torch {torch.__version__}, "
-        f"compile {'on' if args.compile else 'off'}")
+        f"compile {'on' if args.compile else 'off'}, collectives: {for_mesh(runtime.mesh).path}")
 
     results, ceilings, memory = [], {}, bench.PeakMemory(runtime.device)
     for dtype_name, scheme in itertools.product(dtype_names, quantized):
@@ -185,6 +207,7 @@ def main() -> None:
         "device_name": bench.device_name(runtime.device), "world_size": runtime.world_size,
         "threads_per_rank": threads, "torch_version": torch.__version__, "compile": args.compile,
         "baseline": args.baseline, "trials": args.trials, "warmup": args.warmup,
+        "collectives": for_mesh(runtime.mesh).path,
     }, "bandwidth_ceiling": ceilings, "results": results}
     if runtime.is_main:
         bench.write_outputs(report, args.output_json, args.csv, args.plot)

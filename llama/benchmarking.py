@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from llama import quantize
+from llama import cpu_linear, quantize, shm_collectives
 from llama.args import ModelArgs
 from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
@@ -185,7 +185,7 @@ def measure_bandwidth_ceiling(args: ModelArgs, tp: int, dtype: torch.dtype, devi
 
     read = min(_time_on_all_ranks(flat.sum, device, repeats))
     with single_row_kernels(device):  # the fastest matrix-vector kernel generate() knows
-        matvec = min(_time_on_all_ranks(lambda: [torch.nn.functional.linear(x, w) for w in weights], device,
+        matvec = min(_time_on_all_ranks(lambda: [cpu_linear.linear(x, w) for w in weights], device,
                                         repeats))
     return {"read_gb_per_s": nbytes / read / 1e9, "matvec_gb_per_s": nbytes / matvec / 1e9,
             "ceiling_gb_per_s": nbytes / min(read, matvec) / 1e9, "bytes_streamed": nbytes}
@@ -515,6 +515,64 @@ def build_hf_model(model: Transformer, runtime: Runtime) -> torch.nn.Module | No
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------------------------------
+# The TP group's collectives (benchmark.py --collectives)
+
+# The all-reduce of one decode step at batch 1 of a 2048-wide model (4 KB of bf16), and a
+# prefill's of 16 tokens or a batch of 16 (64 KB).
+COLLECTIVE_BYTES = (4 * 1024, 64 * 1024)
+
+
+def measure_collectives(runtime: Runtime, dtype: torch.dtype = torch.bfloat16, calls: int = 2000,
+                        rounds: int = 4, chain: int = 16) -> list[dict[str, object]]:
+    """Median latency of one all-reduce of each size in COLLECTIVE_BYTES through the path the
+    model uses, eager and inside a compiled function (`chain` all-reduces in a row, as in a
+    compiled decode step, timed together), and through torch.distributed directly. The three
+    alternate in `rounds` rounds, so a change of load touches them alike. Each figure is the
+    slowest rank's median, in microseconds."""
+    collectives = shm_collectives.for_mesh(runtime.mesh)
+    group = runtime.mesh.get_group()
+
+    def chained(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(chain):
+            x = collectives.all_reduce(x)
+        return x
+
+    path = collectives.path.split(":")[0]
+    impls: dict[str, tuple[Callable[[torch.Tensor], object], int]] = {
+        f"TP plan ({path})": (collectives.all_reduce, 1),
+        f"TP plan ({path}), compiled": (torch.compile(chained, fullgraph=True), chain),
+        f"dist.all_reduce ({dist.get_backend(group)})": (lambda x: dist.all_reduce(x, group=group), 1),
+    }
+    rows = []
+    for nbytes in COLLECTIVE_BYTES:
+        x = torch.zeros(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=runtime.device)
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for impl, _ in impls.values():  # warm-up (and compilation)
+            for _ in range(3):
+                impl(x)
+        for _ in range(rounds):
+            for name, (impl, ops) in impls.items():
+                dist.barrier(group)
+                for _ in range(calls // rounds // ops):
+                    start = time.perf_counter()
+                    impl(x)
+                    _synchronize(runtime.device)
+                    times[name].append((time.perf_counter() - start) / ops)
+        medians = max_over_ranks([1e6 * statistics.median(t) for t in times.values()], runtime.device)
+        rows.append({"bytes": nbytes, "dtype": str(dtype).removeprefix("torch."), "ranks": runtime.world_size,
+                     "median_us": dict(zip(impls, medians))})
+    return rows
+
+
+def format_collectives(rows: list[dict[str, object]]) -> str:
+    names = list(rows[0]["median_us"])
+    lines = [("all-reduce", *names)] + [(f"{r['bytes'] // 1024} KB {r['dtype']}", *(
+        f"{r['median_us'][n]:.1f} us" for n in names)) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
 # ---------------------------------------------------------------------------------------
