@@ -1,13 +1,18 @@
 """Run under torchrun: the shared-memory all-reduce and all-gather against gloo's on random
-tensors, bit for bit, eager and inside a compiled function. Prints the collective path and
-one line per mismatch; exits 1 if there is any."""
+tensors, bit for bit, eager and inside a compiled function; and the TP plan's layers around
+them (vocabulary-parallel embedding, gathered logits) with a vocabulary the ranks do not
+divide evenly. Prints the collective path and one line per mismatch; exits 1 if any."""
 
 import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor.parallel import parallelize_module
 
 from llama.distributed import init_runtime, log, run_cli
+from llama.parallel import GatheredColwiseParallel, VocabParallelEmbedding
 from llama.shm_collectives import for_mesh
 
 SHAPES = [(1,), (7, 5), (2048,), (3, 1000, 33),
@@ -48,11 +53,33 @@ def main() -> None:
             for name, (got, want) in results.items():
                 if got.shape != want.shape or not torch.equal(bits(got), bits(want)):
                     mismatches.append(f"rank {runtime.rank}: {name} of {dtype} {shape} differs from gloo's")
+    mismatches += uneven_vocabulary(runtime)
     for line in mismatches:
         print(line, file=sys.stderr)
     dist.barrier()
     if mismatches:
         raise SystemExit(1)
+
+
+def uneven_vocabulary(runtime) -> list[str]:
+    """4 x ranks - 1 rows: torch.chunk gives the last rank one row fewer."""
+    vocab, dim = 4 * runtime.world_size - 1, 8
+    g = torch.Generator().manual_seed(0)  # the same full weights on every rank
+    table, projection, x = torch.randn(vocab, dim, generator=g), torch.randn(vocab, dim, generator=g), torch.randn(
+        3, dim, generator=g)
+    embedding, output = nn.Embedding(vocab, dim), nn.Linear(dim, vocab, bias=False)
+    embedding.weight.data.copy_(table)
+    output.weight.data.copy_(projection)
+    parallelize_module(embedding, runtime.mesh, VocabParallelEmbedding())
+    parallelize_module(output, runtime.mesh, GatheredColwiseParallel())
+    tokens = torch.arange(vocab).flip(0)[None]
+    problems = []
+    if not torch.equal(embedding(tokens), table[tokens]):
+        problems.append(f"rank {runtime.rank}: the vocabulary-parallel embedding differs from a lookup")
+    logits = output(x)
+    if logits.shape != (3, vocab) or not torch.allclose(logits, F.linear(x, projection), rtol=1e-5, atol=1e-6):
+        problems.append(f"rank {runtime.rank}: the gathered logits differ from the full product")
+    return problems
 
 
 if __name__ == "__main__":
