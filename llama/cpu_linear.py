@@ -87,9 +87,10 @@ def _bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // k
     lib = _library()
     if rows <= FEW_ROWS and lib is not None and x.dtype == torch.bfloat16 and weight.stride(1) == 1:
-        x2 = x.reshape(rows, k).contiguous()
+        if not x.is_contiguous():  # rows of k, one after the other
+            x = x.contiguous()
         y = x.new_empty((*x.shape[:-1], n))
-        if lib.bf16_linear(x2.data_ptr(), rows, k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
+        if lib.bf16_linear(x.data_ptr(), rows, k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
                            torch.get_num_threads()) != 0:
             raise MemoryError(f"{rows} x {k} float32 activations")
         return y
@@ -109,11 +110,12 @@ def _blocked_gemm(x32: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@torch.library.custom_op("tp_llama::bf16_linear", mutates_args=())
-def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _bf16_linear(x, weight)
+# The operator a compiled graph calls (registered like llama.shm_collectives' operators).
+_OPS = torch.library.Library("tp_llama", "FRAGMENT")
+_OPS.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
+_OPS.impl("bf16_linear", _bf16_linear, "CPU")
 
 
-@_bf16_linear_op.register_fake
+@torch.library.register_fake("tp_llama::bf16_linear")
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

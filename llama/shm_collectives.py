@@ -185,28 +185,27 @@ def _timeout_s(group: dist.ProcessGroup) -> float:
     return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 
 
-# Segments by handle: the custom ops below take an int, which a compiled graph keeps as a constant.
+# Segments by handle: the ops below take an int, which a compiled graph keeps as a constant.
 _SEGMENTS: list[_Segment] = []
 
+# Operators for compiled graphs. Registered with torch.library.Library rather than the
+# custom_op decorator: its dispatch costs about half as much per call (7 vs 13 us measured),
+# and a compiled decode step makes one per collective. The group size is an argument of the
+# all-gather so that it is part of the graph, whose output shape depends on it (inductor's
+# on-disk cache would otherwise serve a graph built for another size).
+_OPS = torch.library.Library("tp_llama", "FRAGMENT")
+_OPS.define("shm_all_reduce(Tensor x, int handle) -> Tensor")
+_OPS.define("shm_all_gather(Tensor x, int handle, int size) -> Tensor")
+_OPS.impl("shm_all_reduce", lambda x, handle: _SEGMENTS[handle].all_reduce(x), "CPU")
+_OPS.impl("shm_all_gather", lambda x, handle, size: _SEGMENTS[handle].all_gather(x), "CPU")
 
-@torch.library.custom_op("tp_llama::shm_all_reduce", mutates_args=())
-def _shm_all_reduce(x: torch.Tensor, handle: int) -> torch.Tensor:
-    return _SEGMENTS[handle].all_reduce(x)
 
-
-@_shm_all_reduce.register_fake
+@torch.library.register_fake("tp_llama::shm_all_reduce")
 def _(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
-# The group size is an argument so that it is part of a compiled graph, whose output shape
-# depends on it (inductor's on-disk cache would otherwise serve a graph built for another size).
-@torch.library.custom_op("tp_llama::shm_all_gather", mutates_args=())
-def _shm_all_gather(x: torch.Tensor, handle: int, size: int) -> torch.Tensor:
-    return _SEGMENTS[handle].all_gather(x)
-
-
-@_shm_all_gather.register_fake
+@torch.library.register_fake("tp_llama::shm_all_gather")
 def _(x: torch.Tensor, handle: int, size: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], size * x.shape[-1]))
 
