@@ -9,15 +9,12 @@
  * at page boundaries (a 2048-wide bf16 row is one 4 KiB page), and prefetching the next
  * rows raised the rate of a matrix-vector product from about 80% of a plain read of the same
  * bytes to about 110% (one thread, AMD EPYC). Threads (OpenMP, the same runtime as torch's:
- * one pool) split the output features. Built with the machine's vector extensions
+ * one pool) take blocks of output features. Built with the machine's vector extensions
  * (cpu_linear.py's flags).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
@@ -95,6 +92,9 @@ KERNEL(2, 4)
 KERNEL(3, 2)
 KERNEL(4, 2)
 
+/* Output features per unit of work: whole cache lines of output, a few hundred KiB of weight. */
+#define BLOCK_ROWS 64
+
 /* y (M x N) = x (M x K) @ w (N x K, row stride ldw).T, all bfloat16. Returns 0, or -1 if out
  * of memory for the float32 copy of x. */
 int bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, int64_t N, uint16_t *y,
@@ -102,16 +102,12 @@ int bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int6
     float *x32 = malloc((size_t)(M * K) * sizeof(float));
     if (!x32) return -1;
     for (int64_t i = 0; i < M * K; i++) x32[i] = bf16_to_f32(x[i]);
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        int64_t t = 0, nt = 1;
-#endif
-        /* Whole cache lines of output per thread. */
-        int64_t share = ((N + nt - 1) / nt + 31) / 32 * 32;
-        int64_t n0 = t * share < N ? t * share : N, n1 = n0 + share < N ? n0 + share : N;
+    /* Blocks of output features taken one at a time by whichever thread is free: a thread the
+     * OS puts aside (another process wanting the core) delays one block, not a fixed share. */
+    int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * BLOCK_ROWS, n1 = n0 + BLOCK_ROWS < N ? n0 + BLOCK_ROWS : N;
         for (int64_t m = 0; m < M; m += 4) {
             const float *xm = x32 + m * K;
             uint16_t *ym = y + m * N;
