@@ -16,11 +16,13 @@ ranks it waits for are still alive and gives up after the process group's timeou
 killed peer ends the others at once instead of leaving them spinning.
 
 The C part is built once per machine by llama.native (about a second; no torch headers) and
-loaded with ctypes. It is used only when every rank can map the segment
-rank 0 created (so it never engages across hosts), the ranks see each other's processes,
-and a C compiler exists; otherwise, and for GPU tensors, torch.distributed does the work.
-TP_LLAMA_SHM=0 turns it off. Inside a compiled decode step the shared-memory path runs as
-custom ops (tp_llama::shm_all_reduce / shm_all_gather) with fake implementations.
+loaded with ctypes. It is used only when the job has one launcher (LOCAL_WORLD_SIZE equals
+WORLD_SIZE; torchrun --nnodes N keeps torch.distributed even for ranks that share a host),
+every rank can map the segment rank 0 created (checked with a random nonce, so it never
+engages across hosts), the ranks see each other's processes, and a C compiler exists;
+otherwise, and for GPU tensors, torch.distributed does the work. TP_LLAMA_SHM=0 turns it
+off. Inside a compiled decode step it runs as operators (tp_llama::shm_all_reduce /
+shm_all_gather) with fake implementations.
 """
 
 from __future__ import annotations
