@@ -198,7 +198,9 @@ class JobWatch:
         self._store_answered = time.monotonic()
         run = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '')}"
         self._prefix = f"tp_llama/watch/{run}/"
-        self._launcher = os.getppid()
+        # torchrun's workers outlive a killed launcher; a job started some other way may well
+        # outlive the shell that started it, on purpose.
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self._me = _Member(rank, socket.gethostname(), _machine_id(), os.getpid())
         self._members: dict[int, _Member] = {}
         self._states: dict[int, str] = {}
@@ -283,7 +285,7 @@ class JobWatch:
 
     def _check(self, terminated: bool) -> None:
         now = time.monotonic()
-        if os.getppid() != self._launcher:
+        if self._launcher is not None and os.getppid() != self._launcher:
             self._end(f"error (rank {self.rank}): its launcher (pid {self._launcher}) ended; this rank stops too",
                       state=LAUNCHER_LOST)
         if self._store_usable(now):
