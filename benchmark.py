@@ -26,6 +26,7 @@ from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
 from llama.distributed import Runtime, add_timeout_argument, init_runtime, log, run_cli
 from llama.errors import UserError
 from llama.generation import use_compiled_decode
+from llama.loadgen import run_load
 from llama.model import Transformer
 from llama.shm_collectives import for_mesh
 
@@ -54,7 +55,7 @@ def parse_args() -> argparse.Namespace:
                         "(shared memory or torch.distributed) beside torch.distributed's")
     p.add_argument("--baseline", choices=["hf"], help="also run transformers' LlamaForCausalLM.generate on the "
                                                       "same weights, device, dtype and threads")
-    p.add_argument("--max_seq_len", type=int, help="override model_args.json (random weights: the release's)")
+    p.add_argument("--max_seq_len", type=int, help="cache length (default: the longest prompt_len + gen_len of the sweep)")
     p.add_argument("--max_batch_size", type=int, help="override model_args.json (random weights: the largest batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and weights")
     add_timeout_argument(p)
@@ -62,6 +63,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--csv", type=Path, nargs="?", const=Path("llama_benchmarks.csv"),
                    help="append one row per configuration (default file: llama_benchmarks.csv)")
     p.add_argument("--plot", type=Path, help="PNG of decode tokens/s and latency against batch size (matplotlib)")
+    load = p.add_argument_group("load test of a running serve.py (plain python, no torchrun)")
+    load.add_argument("--serve", metavar="URL", help="e.g. http://127.0.0.1:8000/v1: stream completions of "
+                      "--prompt_len random tokens + --gen_len tokens from concurrent clients")
+    load.add_argument("--concurrency", default="1,4,8", help="comma-separated sweep of clients (default 1,4,8)")
+    load.add_argument("--requests", type=int, default=0, help="requests per concurrency (default 4 x clients)")
+    load.add_argument("--request_rate", type=float, default=float("inf"),
+                      help="mean arrivals per second, Poisson (default: all at once, --concurrency at a time)")
+    load.add_argument("--api_key", help="the server's --api_key")
     return p.parse_args()
 
 
@@ -73,6 +82,26 @@ def int_list(flag: str, text: str, minimum: int) -> list[int]:
     if any(v < minimum for v in values):
         raise UserError(f"--{flag} {text}: every value must be at least {minimum}")
     return sorted(set(values))
+
+
+def load_test(args: argparse.Namespace) -> None:
+    """benchmark.py --serve: the load generator's figures at each concurrency, as JSON too."""
+    prompt_len, gen_len = int_list("prompt_len", args.prompt_len, 1), int_list("gen_len", args.gen_len, 2)
+    if len(prompt_len) > 1 or len(gen_len) > 1:
+        raise UserError("--serve takes one --prompt_len and one --gen_len")
+    results = []
+    for clients in int_list("concurrency", args.concurrency, 1):
+        result = run_load(args.serve, clients, args.requests or 4 * clients, prompt_len[0], gen_len[0],
+                          args.api_key, args.seed, args.request_rate)
+        results.append(result)
+        log(f"concurrency {clients}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} "
+            f"output tok/s, TTFT p50/p99 {result['ttft_ms']['p50']:.0f}/{result['ttft_ms']['p99']:.0f} ms, "
+            f"inter-token p50/p99 {result['inter_token_ms']['p50']:.0f}/{result['inter_token_ms']['p99']:.0f} ms")
+    report = {"config": {"serve": args.serve, "prompt_len": prompt_len[0], "gen_len": gen_len[0],
+                         "request_rate": None if args.request_rate == float("inf") else args.request_rate},
+              "results": results}
+    if args.output_json:
+        args.output_json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -91,8 +120,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def schemes(args: argparse.Namespace) -> list[quantize.Scheme | None]:
-    """The --quantize sweep, smallest weights first: a CPU's peak memory is the process's
-    lifetime peak, so each model's own peak is seen only if no larger model ran before it."""
+    """The --quantize sweep, smallest weights first (the unquantized model last)."""
     names = list(dict.fromkeys(args.quantize.split(",")))
     for name in names:
         if name != "none":
@@ -102,7 +130,6 @@ def schemes(args: argparse.Namespace) -> list[quantize.Scheme | None]:
     order = {"int4": 0, "int8": 1, "none": 2}
     return [None if n == "none" else quantize.Scheme(n, args.group_size if n == "int4" else None)
             for n in sorted(names, key=order.__getitem__)]
-
 
 
 def dtypes(args: argparse.Namespace) -> list[str]:
@@ -127,16 +154,19 @@ def check_sweep(configs: list[bench.Config], model_args: ModelArgs) -> None:
 def build_model(args: argparse.Namespace, runtime: Runtime, dtype_name: str, configs: list[bench.Config],
                 scheme: quantize.Scheme | None = None) -> Transformer:
     dtype = DTYPES[dtype_name]
+    # The KV cache holds max_seq_len positions and decode attends over all of them: by
+    # default size it to the longest run of the sweep, as a server would be sized for its use.
+    max_seq_len = args.max_seq_len or max(c.prompt_len + c.gen_len for c in configs)
     if args.random_weights:
         largest_batch = max(c.batch_size for c in configs)
-        model_args = bench.random_model_args(args.random_weights, args.max_seq_len,
+        model_args = bench.random_model_args(args.random_weights, max_seq_len,
                                              args.max_batch_size or largest_batch, dtype_name)
         if scheme:
             model_args.quantize, model_args.group_size = scheme.name, scheme.group_size
         check_sweep(configs, model_args)
         return bench.build_random_model(model_args, runtime, dtype, args.seed)
     model, _ = load_converted(args.converted_ckpt_dir, runtime, dtype, args.model_args, args.tokenizer_path,
-                              args.max_seq_len, args.max_batch_size)
+                              max_seq_len, args.max_batch_size)
     check_sweep(configs, model.args)
     return model
 
@@ -157,6 +187,9 @@ def collectives(runtime: Runtime, output_json: Path | None) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.serve:
+        load_test(args)
+        return
     check_inputs(args)
     runtime = init_runtime(timeout_s=args.timeout)
     if args.collectives:
@@ -175,30 +208,38 @@ def main() -> None:
         f"compile {'on' if args.compile else 'off'}, collectives: {for_mesh(runtime.mesh).path}")
 
     results, ceilings, memory = [], {}, bench.PeakMemory(runtime.device)
-    for dtype_name, scheme in itertools.product(dtype_names, quantized):
+    for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
-        model = build_model(args, runtime, dtype_name, configs, scheme)
-        model_args = dataclasses.asdict(model.args)
+        # A --quantize sweep's models are built together and their trials alternate, so a change
+        # in the machine's load touches all of them alike (their memory is then counted together).
+        models = {scheme: build_model(args, runtime, dtype_name, configs, scheme) for scheme in quantized}
+        largest = models[quantized[-1]]
+        model_args = dataclasses.asdict(largest.args)
         if args.compile:
-            use_compiled_decode(model)
-        if dtype_name not in ceilings:  # one ceiling per dtype: quantized or not, the same memory
-            ceilings[dtype_name] = bench.measure_bandwidth_ceiling(model.args, runtime.world_size, dtype,
-                                                                   runtime.device)
-            log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s (read "
-                f"{ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
-        hf_model = bench.build_hf_model(model, runtime) if args.baseline else None
+            for model in models.values():
+                use_compiled_decode(model)
+        ceilings[dtype_name] = bench.measure_bandwidth_ceiling(largest.args, runtime.world_size, dtype, runtime.device)
+        log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s "
+            f"(read {ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
+        hf_model = bench.build_hf_model(largest, runtime) if args.baseline else None
         memory.exclude(hf_model)
         for config in configs:
             memory.reset()
-            measured = bench.run_config(model, config, args.warmup, args.trials, bool(args.baseline), hf_model,
-                                        threads * runtime.world_size, args.seed, memory)
-            result = bench.summarize(measured, model, dtype_name, ceilings[dtype_name], memory)
-            result["quantize"] = scheme.describe() if scheme else None
-            results.append(result)
-            log(f"  {result['quantize'] or dtype_name}: batch {config.batch_size} prompt {config.prompt_len} gen {config.gen_len}: decode "
-                f"{result['decode_tokens_per_s_batch']['median']:.2f} tok/s, prefill "
-                f"{result['prefill_tokens_per_s']['median']:.1f} tok/s")
-        del model, hf_model
+            measured = {scheme: bench.Measurement(config) for scheme in models}
+            for trial in range(args.trials):
+                for scheme, model in models.items():
+                    one = bench.run_config(model, config, args.warmup if trial == 0 else 0, 1, bool(args.baseline),
+                                           hf_model, threads * runtime.world_size, args.seed, memory)
+                    measured[scheme].trials += one.trials
+                    measured[scheme].baseline_trials += one.baseline_trials
+            for scheme, model in models.items():
+                result = bench.summarize(measured[scheme], model, dtype_name, ceilings[dtype_name], memory)
+                result["quantize"] = scheme.describe() if scheme else None
+                results.append(result)
+                log(f"  {result['quantize'] or dtype_name}: batch {config.batch_size} prompt {config.prompt_len} "
+                    f"gen {config.gen_len}: decode {result['decode_tokens_per_s_batch']['median']:.2f} tok/s, "
+                    f"prefill {result['prefill_tokens_per_s']['median']:.1f} tok/s")
+        del models, largest, hf_model
 
     log(bench.format_table(results))
     report = {"config": {

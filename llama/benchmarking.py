@@ -400,7 +400,7 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
     """Every figure of one configuration (collective: all ranks call it)."""
     config, tp = measured.config, dist.get_world_size()
     element_size = model.tok_embeddings.weight.element_size()  # the activations' (output may be quantized)
-    cache_len = min(model.args.max_seq_len, config.prompt_len + config.gen_len)
+    cache_len = model.args.max_seq_len  # decode attends over the whole static cache
     bytes_per_step = tp * decode_bytes_per_step(model.args, tp, config.batch_size, cache_len, element_size)
     ours = trial_metrics(measured.trials, config.batch_size, config.prompt_len)
     step_s = 1 / ours["decode_tokens_per_s_per_seq"]["median"]
