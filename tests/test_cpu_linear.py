@@ -20,7 +20,8 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [
     (1, 2048, 512),  # decode: one row, through cpu_linear.c
     (3, 2050, 77),  # a few rows; K not a multiple of the vector width, N not of the rows per step
-    (8, 64, 256),  # the most rows cpu_linear.c takes
+    (6, 300, 130),  # the most rows in one pass over the weight
+    (8, 64, 256),  # the most rows cpu_linear.c takes (two passes)
     (9, 300, 1000),  # a GEMM on the upcast weight, in several blocks
     (130, 2048, 700),  # prefill
 ])
