@@ -3,15 +3,16 @@
 The CPU default dtype is bf16 (half the bytes a decode step reads) and was chosen on a CPU
 with native bf16 (AVX512-BF16 / AMX, which oneDNN uses). Without it (AVX2-only x86: many
 cloud and laptop CPUs; AVX-512 without BF16), torch multiplies bf16 with its own generic
-kernels: measured on an AVX2-only AMD EPYC, a 128x2048 by 2048x8192 product runs at 21
-GFLOP/s in bf16 and 87 in fp32, so a 128-token prefill of the llama3.2-1b shape took 12 s.
-On such CPUs, with the weights kept in bf16:
+kernels: measured on an AVX2-only AMD EPYC (Zen 3, 2 threads), a 128x2048 by 2048x8192
+product runs at 20 GFLOP/s in bf16 and 77 with float32 weights, so a 128-token prefill of the
+llama3.2-1b shape took 12 s. On such CPUs, with the weights kept in bf16:
 
 - products of many rows (prefill, large batches) are float32 GEMMs on the weight, upcast a
-  block of rows at a time into a buffer that stays in cache (upcasting it whole first costs
-  a full extra pass over memory: 50 GFLOP/s instead of 87);
+  block of rows at a time into a buffer that stays in cache: 100 GFLOP/s on that product
+  (upcasting the whole weight first costs a full extra pass over memory: 45);
 - products of a few rows (decode) go through cpu_linear.c, which reads the bf16 weight once
-  and accumulates in float32.
+  per 6 rows of activations, as fast as a plain read of memory, and accumulates in float32
+  (torch's bf16 kernels: 72-86% of a plain read for one row, 3-4x slower for 4 to 8).
 
 Everywhere else (native bf16, GPUs, float32 or float16 weights) F.linear as before. Outputs
 are rounded to the activations' dtype once, as torch's bf16 kernels round them.
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from llama import native
 
 _SOURCE = Path(__file__).with_name("cpu_linear.c")
-# At most this many rows go through cpu_linear.c (it reads the weight once per 4 rows);
-# more are a float32 GEMM.
+# At most this many rows go through cpu_linear.c (it reads the weight once for up to 6 rows,
+# twice for 7 or 8; measured as fast as the GEMM at 8); more are a float32 GEMM.
 FEW_ROWS = 8
 # Bytes of the float32 block of weight rows that a GEMM multiplies at a time.
 BLOCK_BYTES = 4 << 20
