@@ -10,9 +10,9 @@ llama3.2-1b shape took 12 s. On such CPUs, with the weights kept in bf16:
 - products of many rows (prefill, large batches) are float32 GEMMs on the weight, upcast a
   block of rows at a time into a buffer that stays in cache: 100 GFLOP/s on that product
   (upcasting the whole weight first costs a full extra pass over memory: 45);
-- products of a few rows (decode) go through cpu_linear.c, which reads the bf16 weight once
-  per 6 rows of activations, as fast as a plain read of memory, and accumulates in float32
-  (torch's bf16 kernels: 72-86% of a plain read for one row, 3-4x slower for 4 to 8).
+- products of a few rows (decode) go through cpu_linear.c, which reads the bf16 weight once,
+  as fast as a plain read of memory, and accumulates in float32 (torch's bf16 kernels: 72-86%
+  of a plain read for one row, 3-4x slower for 4 to 8).
 
 Everywhere else (native bf16, GPUs, float32 or float16 weights) F.linear as before. Outputs
 are rounded to the activations' dtype once, as torch's bf16 kernels round them.
@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from llama import native
 
 _SOURCE = Path(__file__).with_name("cpu_linear.c")
-# At most this many rows go through cpu_linear.c (it reads the weight once for up to 6 rows,
-# twice for 7 or 8; measured as fast as the GEMM at 8); more are a float32 GEMM.
-FEW_ROWS = 8
+# At most this many rows go through cpu_linear.c, more are a float32 GEMM. The kernel reads
+# the weight from memory once (further groups of 6 rows find a block of it in cache); MKL's
+# GEMM is slow for so few rows. Measured on 2048 x 8192 bf16 weights, 2 threads: 5.4 vs 2.7
+# GB/s at 16 rows, 2.9 vs 2.2 at 32, equal at 48-64; prefill's hundreds of rows want the GEMM.
+FEW_ROWS = 32
 # Bytes of the float32 block of weight rows that a GEMM multiplies at a time.
 BLOCK_BYTES = 4 << 20
 

@@ -21,8 +21,8 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     (1, 2048, 512),  # decode: one row, through cpu_linear.c
     (3, 2050, 77),  # a few rows; K not a multiple of the vector width, N not of the rows per step
     (6, 300, 130),  # the most rows in one pass over the weight
-    (8, 64, 256),  # the most rows cpu_linear.c takes (two passes)
-    (9, 300, 1000),  # a GEMM on the upcast weight, in several blocks
+    (32, 64, 256),  # the most rows cpu_linear.c takes
+    (33, 300, 4000),  # a GEMM on the upcast weight, in two blocks
     (130, 2048, 700),  # prefill
 ])
 def test_fp32_products_of_bf16_weights(shape):
