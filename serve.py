@@ -9,6 +9,7 @@ Rank 0 answers HTTP (POST /v1/completions, /v1/chat/completions; GET /v1/models,
 """
 
 import argparse
+import importlib.util
 import socket
 import threading
 from pathlib import Path
@@ -112,9 +113,17 @@ def start_web_server(app: object, sock: socket.socket) -> "uvicorn.Server":
     return server
 
 
+def check_web_packages() -> None:
+    """Before the model loads: the HTTP packages are imported only once it has."""
+    missing = [name for name in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"serve.py needs {', '.join(missing)}: pip install -r requirements.txt")
+
+
 def main() -> None:
     args = parse_args()
     runtime = init_runtime(timeout_s=args.timeout)
+    check_web_packages()
     model, tokenizer, default_name = load_model(args, runtime)
     chat_format = resolve_chat_format(tokenizer, args.chat_format)
     if args.compile:

@@ -9,6 +9,7 @@ from llama.args import ModelArgs
 from llama.generation import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, Request, SamplingParams,
                               generate)
 from llama.model import Transformer
+from llama.serving import warm_up
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -95,3 +96,15 @@ def test_stop_ids_cancellation_and_slots(model):
     assert engine.active == 1 and engine.cancel(1) is None
     engine.cancel(2)
     assert not engine.busy
+
+
+def test_warm_up_runs_both_decode_variants(model):
+    """serve.py's warm-up must compile the greedy and the sampled decode step: a step with any
+    sampled row runs the sampled variant, so warming both up at once left the greedy one to
+    the first client (15 s on a GPU)."""
+    engine = Engine(model, 2)
+    variants = []
+    step = engine._step
+    engine._step = lambda *inputs: variants.append(inputs[-1]) or step(*inputs)
+    warm_up(engine)
+    assert set(variants) == {False, True}
