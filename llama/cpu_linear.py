@@ -16,6 +16,12 @@ llama3.2-1b shape took 12 s. On such CPUs, with the weights kept in bf16:
 
 Everywhere else (native bf16, GPUs, float32 or float16 weights) F.linear as before. Outputs
 are rounded to the activations' dtype once, as torch's bf16 kernels round them.
+
+Weight-only int8 and int4 weights (llama.quantize) on x86 CPUs with AVX2, where cpu_linear.c
+builds: few rows through its quantized kernels, which read the stored layout as it is and
+multiply 16-bit integers (torch's own CPU kernels for these are compute bound on AVX2 at 4-5 G
+weights/s a core: no faster than streaming bf16); many rows as float32 GEMMs on dequantized
+blocks of rows, as above.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Callable
 import platform
 from pathlib import Path
 
@@ -37,6 +44,8 @@ _SOURCE = Path(__file__).with_name("cpu_linear.c")
 # GEMM is slow for so few rows. Measured on 2048 x 8192 bf16 weights, 2 threads: 5.4 vs 2.7
 # GB/s at 16 rows, 2.9 vs 2.2 at 32, equal at 48-64; prefill's hundreds of rows want the GEMM.
 FEW_ROWS = 32
+# The same for int8/int4 weights (cpu_linear.c's quantized kernels take 4 rows a pass).
+QUANTIZED_FEW_ROWS = 16
 # Bytes of the float32 block of weight rows that a GEMM multiplies at a time.
 BLOCK_BYTES = 4 << 20
 
@@ -82,6 +91,10 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
+        c_int = ctypes.c_int
+        lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int]
+        lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int]
+        lib.dequantize_rows.restype = None
     return lib
 
 
@@ -97,20 +110,63 @@ def _bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                            torch.get_num_threads()) != 0:
             raise MemoryError(f"{rows} x {k} float32 activations")
         return y
-    y = _blocked_gemm(x.reshape(rows, k).to(torch.float32), weight)
+    y = _blocked_gemm(x.reshape(rows, k).to(torch.float32), n, k,
+                      lambda block, start, stop: block.copy_(weight[start:stop]))
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def _blocked_gemm(x32: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    n, k = weight.shape
+def _blocked_gemm(x32: torch.Tensor, n: int, k: int,
+                  fill: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
+    """x32 @ w.T, where fill(block, start, stop) writes rows [start, stop) of w in float32."""
     y = torch.empty(x32.shape[0], n, dtype=torch.float32)
     step = max(1, BLOCK_BYTES // (4 * k))
     block = torch.empty(min(step, n), k, dtype=torch.float32)
     for start in range(0, n, step):
         rows = block[:min(step, n - start)]
-        rows.copy_(weight[start:start + step])
+        fill(rows, start, start + rows.shape[0])
         torch.mm(x32, rows.t(), out=y[:, start:start + step])
     return y
+
+
+@torch.compiler.assume_constant_result  # decided once, before any graph is traced
+def has_quantized_kernels() -> bool:
+    """Whether int8/int4 weights on this CPU use cpu_linear.c (else torch's kernels); decides
+    their operands' layout (llama.quantize.kernel_operands)."""
+    lib = _library()
+    return lib is not None and lib.has_quantized_kernels() == 1
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x @ dequantized(weight).T for llama.quantize's stored layout: weight int8 (n, k) with
+    scales (n,) (group_size 0), or int4 bytes (n, k / 2) with (scale, zero) pairs (n,
+    k / group_size, 2); scales bfloat16 or float32. Output in x's dtype."""
+    if torch.compiler.is_compiling():
+        return torch.ops.tp_llama.quantized_linear(x, weight, scales, group_size)
+    return _quantized_linear(x, weight, scales, group_size)
+
+
+def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    n = weight.shape[0]
+    k = weight.shape[1] * (2 if group_size else 1)
+    rows = x.numel() // k
+    lib = _library()
+    threads = torch.get_num_threads()
+    scales_bf16 = scales.dtype == torch.bfloat16
+    if rows > QUANTIZED_FEW_ROWS:
+        def fill(block: torch.Tensor, start: int, stop: int) -> None:
+            lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size, k,
+                                start, stop,
+                                block.data_ptr(), threads)
+        y = _blocked_gemm(x.reshape(rows, k).to(torch.float32), n, k, fill)
+        return y.to(x.dtype).view(*x.shape[:-1], n)
+    compute = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
+    compute = compute.contiguous()
+    y = compute.new_empty((*x.shape[:-1], n))
+    if lib.quantized_linear(compute.data_ptr(), rows, k, compute.dtype == torch.bfloat16, weight.data_ptr(),
+                            weight.stride(0), scales.data_ptr(), scales_bf16, group_size, n, y.data_ptr(),
+                            threads) != 0:
+        raise MemoryError(f"{rows} x {k} float32 activations")
+    return y.to(x.dtype)
 
 
 # The operator a compiled graph calls (registered like llama.shm_collectives' operators).
@@ -121,4 +177,13 @@ _OPS.impl("bf16_linear", _bf16_linear, "CPU")
 
 @torch.library.register_fake("tp_llama::bf16_linear")
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_OPS.define("quantized_linear(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor")
+_OPS.impl("quantized_linear", _quantized_linear, "CPU")
+
+
+@torch.library.register_fake("tp_llama::quantized_linear")
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -15,11 +15,12 @@ scale depends only on its own row (int8) or group (int4), never on how the weigh
 so every conversion world size writes the same bytes; a row-parallel rank reads only its
 part of the row, and an int4 group never straddles ranks (check_tp_degree).
 
-At load time `pack_for_device` turns each rank's local shards into the operands of PyTorch's
-own kernels for the device in use: `_weight_int8pack_mm` (CPU int8), `_weight_int4pack_mm_for_cpu`
-(CPU int4, its own packed layout), `_weight_int4pack_mm` (CUDA int4, another packed layout).
-CUDA int8 multiplies by the int8 weight converted inside the step, which torch.compile fuses
-into the product (gpt-fast's approach).
+At load time `pack_for_device` turns each rank's local shards into the operands of the kernel
+for the device in use. CPUs: llama.cpu_linear's kernels (cpu_linear.c), which take the stored
+values as they are, where a C compiler is found; else PyTorch's `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` (its own packed layout). CUDA: `_weight_int4pack_mm` (another
+packed layout) for int4; int8 multiplies by the weight converted inside the step, which
+torch.compile fuses into the product (gpt-fast's approach).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from llama import cpu_linear
 from llama.errors import UserError
 
 if TYPE_CHECKING:
@@ -205,7 +207,13 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
 def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's stored shards (plain tensors on the target device) -> (weight, scales) in
-    the layout of the device's kernel, scales in the compute dtype."""
+    the layout of the device's kernel: llama.cpu_linear's where it builds (the stored values and
+    scales as they are), else torch's (scales in the compute dtype)."""
+    if _uses_cpu_linear(weight):  # scales as stored (bf16 or float32: what the kernel reads)
+        scale_dtype = scales.dtype if scales.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        if scheme.name == "int8":
+            return weight.contiguous(), scales.to(scale_dtype).contiguous()
+        return weight.contiguous(), torch.stack((scales, zeros), dim=-1).to(scale_dtype).contiguous()
     if scheme.name == "int8":
         return weight.contiguous(), scales.to(dtype).contiguous()
     rows = weight.shape[0]
@@ -223,6 +231,10 @@ def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, 
     return packed, scales_and_zeros.transpose(0, 1).contiguous()  # (groups, rows, 2)
 
 
+def _uses_cpu_linear(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and cpu_linear.has_quantized_kernels()
+
+
 def _inner_k_tiles(cols: int) -> int:
     """The CUDA int4 packing's tile count along the input: the largest that divides it."""
     return next(t for t in (8, 4, 2) if cols % (16 * t) == 0)
@@ -231,6 +243,8 @@ def _inner_k_tiles(cols: int) -> int:
 def linear(x: torch.Tensor, scheme: Scheme, out_features: int, weight: torch.Tensor,
            scales: torch.Tensor) -> torch.Tensor:
     """x @ dequantized(weight).T from kernel operands (kernel_operands' layout)."""
+    if _uses_cpu_linear(weight):
+        return cpu_linear.quantized_linear(x, weight, scales, scheme.group_size or 0)
     rows = x.reshape(-1, x.shape[-1])
     if scheme.name == "int8":
         if x.device.type == "cuda":  # compiled, the conversion fuses into the product
