@@ -214,6 +214,14 @@ class JobWatch:
         self._final = False
         self._store.set(self._key("member", rank), json.dumps(self._me.__dict__))
         self._publish(str(self._beat))
+        # Know every rank before the first collective: a rank lost right after starting must be
+        # named too (the others registered at about the same time, after the process group).
+        try:
+            self._store.wait([self._key("member", r) for r in range(world_size) if r != rank],
+                             timedelta(seconds=STORE_REQUEST_TIMEOUT_S))
+            self._read_peers(time.monotonic())
+        except dist.DistError:  # a rank that never registered: the watch keeps looking
+            pass
 
     def _key(self, kind: str, rank: int) -> str:
         return f"{self._prefix}{kind}/{rank}"
@@ -246,7 +254,13 @@ class JobWatch:
         lost rank behind it, in which case the watch ends the process and this never returns."""
         self._suspect.set()
         remote = any(m.machine != self._me.machine for m in dict(self._members).values())
-        time.sleep(SUSPECT_SILENCE_S + 2 * WATCH_INTERVAL_S if remote else 3 * WATCH_INTERVAL_S)
+        deadline = time.monotonic() + (SUSPECT_SILENCE_S + 2 * WATCH_INTERVAL_S if remote else 3 * WATCH_INTERVAL_S)
+        while time.monotonic() < deadline:
+            # A dead rank of this machine is found here too: the watch thread may be waiting
+            # on a store whose host is going down (a launcher ending with its killed rank).
+            local = {r: m for r, m in dict(self._members).items() if m.machine == self._me.machine}
+            self._end_if_lost(local, time.monotonic(), SUSPECT_SILENCE_S, store_ok=False)
+            time.sleep(WATCH_INTERVAL_S / 5)
 
     def leave(self, state: str) -> None:
         """Publish this rank's final state and keep the watch from ending the process meanwhile.
@@ -301,11 +315,7 @@ class JobWatch:
         if FAILED in self._states.values():
             self._end(None)  # that rank has said what went wrong
         silence = SUSPECT_SILENCE_S if self._suspect.is_set() or terminated else REMOTE_SILENCE_S
-        lost = {r: why for r, m in self._members.items()
-                if (why := self._lost(m, now, silence, store_ok=self._store_answered == now))}
-        if lost:
-            self._end(f"error: lost rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, sorted(lost)))} "
-                      f"({'; '.join(lost[r] for r in sorted(lost))}); stopping the job", survivors_exclude=set(lost))
+        self._end_if_lost(dict(self._members), now, silence, store_ok=self._store_answered == now)
         gone = self._store_gone_at is not None and now - self._store_gone_at > STORE_GONE_GRACE_S
         if gone or now - self._store_answered > STORE_SILENCE_S:
             self._end(f"error: lost the job's store at {self.store_address} (the launcher or machine that held it "
@@ -326,6 +336,12 @@ class JobWatch:
             self._states[r] = state
             if self._heartbeats.get(r, ("", 0.0))[0] != state:
                 self._heartbeats[r] = (state, now)
+
+    def _end_if_lost(self, members: dict[int, _Member], now: float, silence: float, store_ok: bool) -> None:
+        lost = {r: why for r, m in members.items() if (why := self._lost(m, now, silence, store_ok))}
+        if lost:
+            self._end(f"error: lost rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, sorted(lost)))} "
+                      f"({'; '.join(lost[r] for r in sorted(lost))}); stopping the job", survivors_exclude=set(lost))
 
     def _lost(self, member: _Member, now: float, silence: float, store_ok: bool) -> str | None:
         """Why `member` counts as lost, or None while it may be alive or has ended properly."""
