@@ -155,8 +155,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     if rows > QUANTIZED_FEW_ROWS:
         def fill(block: torch.Tensor, start: int, stop: int) -> None:
             lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size, k,
-                                start, stop,
-                                block.data_ptr(), threads)
+                                start, stop, block.data_ptr(), threads)
         y = _blocked_gemm(x.reshape(rows, k).to(torch.float32), n, k, fill)
         return y.to(x.dtype).view(*x.shape[:-1], n)
     compute = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
