@@ -128,7 +128,8 @@ def _blocked_gemm(x32: torch.Tensor, n: int, k: int,
     return y
 
 
-@torch.compiler.assume_constant_result  # decided once, before any graph is traced
+@torch.compiler.assume_constant_result  # a constant to torch.compile
+@functools.cache  # every quantized product asks: once per process, not a ctypes call each time
 def has_quantized_kernels() -> bool:
     """Whether int8/int4 weights on this CPU use cpu_linear.c (else torch's kernels); decides
     their operands' layout (llama.quantize.kernel_operands)."""
