@@ -129,10 +129,14 @@ def _blocked_gemm(x32: torch.Tensor, n: int, k: int,
 
 
 @torch.compiler.assume_constant_result  # a constant to torch.compile
-@functools.cache  # every quantized product asks: once per process, not a ctypes call each time
 def has_quantized_kernels() -> bool:
     """Whether int8/int4 weights on this CPU use cpu_linear.c (else torch's kernels); decides
     their operands' layout (llama.quantize.kernel_operands)."""
+    return _has_quantized_kernels()
+
+
+@functools.cache  # every quantized product asks: once per process, not a ctypes call each time
+def _has_quantized_kernels() -> bool:
     lib = _library()
     return lib is not None and lib.has_quantized_kernels() == 1
 
