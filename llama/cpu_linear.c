@@ -96,6 +96,10 @@ KERNEL(4, 2)
 KERNEL(5, 2)
 KERNEL(6, 2)
 
+/* The kernel for 1 to 6 activation rows (index 0 unused). */
+static void (*const BF16_ROWS[])(const float *, int64_t, const uint16_t *, int64_t, uint16_t *, int64_t, int64_t,
+                                 int64_t) = {0, rows1, rows2, rows3, rows4, rows5, rows6};
+
 /* Output features per unit of work: whole cache lines of output, a few hundred KiB of weight. */
 #define BLOCK_ROWS 64
 
@@ -118,14 +122,7 @@ int bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int6
             rows = M - m > 6 ? 4 : M - m;
             const float *xm = x32 + m * K;
             uint16_t *ym = y + m * N;
-            switch (rows) {
-            case 1: rows1(xm, K, w, ldw, ym, N, n0, n1); break;
-            case 2: rows2(xm, K, w, ldw, ym, N, n0, n1); break;
-            case 3: rows3(xm, K, w, ldw, ym, N, n0, n1); break;
-            case 4: rows4(xm, K, w, ldw, ym, N, n0, n1); break;
-            case 5: rows5(xm, K, w, ldw, ym, N, n0, n1); break;
-            default: rows6(xm, K, w, ldw, ym, N, n0, n1); break;
-            }
+            BF16_ROWS[rows](xm, K, w, ldw, ym, N, n0, n1);
         }
     }
     free(x32);
@@ -171,19 +168,9 @@ static inline v8f to_float(__m256i v) { return (v8f)_mm256_cvtepi32_ps(v); }
 /* Columns per exact integer sum: 2048 * 127 * 32767 < 2^31. */
 #define INT8_SPAN 2048
 
-/* 16 columns of R weight rows times M activation rows, into the exact sums */
-#define INT8_STEP(M, R, k)                                                                              \
-    {                                                                                                   \
-        __m256i wv[R];                                                                                  \
-        for (int r = 0; r < R; r++) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr[r] + (k)))); \
-        for (int m = 0; m < M; m++)                                                                     \
-            for (int r = 0; r < R; r++) sum[r][m] = _mm256_add_epi32(sum[r][m], madd(wv[r], x + m * K + (k))); \
-    }
-
 #define INT8_KERNEL(M, R)                                                                               \
     static void int8_rows##M(const int16_t *x, int64_t K, const int8_t *w, int64_t ldw, const void *scale, int sbf16, \
-                             float *y, \
-                             int64_t ldy, int64_t n0, int64_t n1) {                                       \
+                             float *y, int64_t ldy, int64_t n0, int64_t n1) {                             \
         int64_t k16 = K / 16 * 16;                                                                      \
         for (int64_t n = n0; n < n1; n += R) {                                                          \
             int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
@@ -198,13 +185,14 @@ static inline v8f to_float(__m256i v) { return (v8f)_mm256_cvtepi32_ps(v); }
                 for (int r = 0; r < R; r++)                                                             \
                     for (int m = 0; m < M; m++) sum[r][m] = _mm256_setzero_si256();                     \
                 for (int64_t k = k0; k < k1; k += 16) {                                                 \
-                    if (k % 64 == 0 && k + 64 <= k1) { /* a cache line of each row at a time */         \
+                    __m256i wv[R];                                                                      \
+                    for (int r = 0; r < R; r++)                                                         \
+                        wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr[r] + k)));    \
+                    if (k % 64 == 0) /* a cache line of each of the next R rows */                      \
                         for (int r = 0; r < R; r++) __builtin_prefetch(wr[r] + R * ldw + k, 0, 0);      \
-                        for (int u = 0; u < 64; u += 16)                                                \
-                            INT8_STEP(M, R, k + u)                                                      \
-                        k += 48;                                                                        \
-                    } else                                                                              \
-                        INT8_STEP(M, R, k)                                                              \
+                    for (int m = 0; m < M; m++)                                                         \
+                        for (int r = 0; r < R; r++)                                                     \
+                            sum[r][m] = _mm256_add_epi32(sum[r][m], madd(wv[r], x + m * K + k));        \
                 }                                                                                       \
                 for (int r = 0; r < R; r++)                                                             \
                     for (int m = 0; m < M; m++) acc[r][m] += to_float(sum[r][m]);                       \
@@ -222,6 +210,9 @@ INT8_KERNEL(1, 4)
 INT8_KERNEL(2, 4)
 INT8_KERNEL(3, 2)
 INT8_KERNEL(4, 2)
+
+static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64_t, const void *, int, float *, int64_t,
+                                 int64_t, int64_t) = {0, int8_rows1, int8_rows2, int8_rows3, int8_rows4};
 
 /* xsum: M rows of K/G group sums of the activations (float32). */
 #define INT4_KERNEL(M, R)                                                                               \
@@ -276,6 +267,10 @@ INT4_KERNEL(2, 2)
 INT4_KERNEL(3, 1)
 INT4_KERNEL(4, 1)
 
+static void (*const INT4_ROWS[])(const int16_t *, const float *, int64_t, int64_t, const uint8_t *, int64_t, const void *,
+                                 int, float *, int64_t, int64_t, int64_t) = {0, int4_rows1, int4_rows2, int4_rows3,
+                                                                             int4_rows4};
+
 static inline void store_row(const float *src, int64_t n, float scale, int bf16, void *dst) {
     if (bf16)
         for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = f32_to_bf16(src[i] * scale);
@@ -320,24 +315,10 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
             rows = M - m > 4 ? 4 : M - m;
             const int16_t *xm = xq + m * K;
             float *ym = y32 + m * N;
-            if (group) {
-                const float *sm = xsum + m * groups;
-                const uint8_t *w4 = w;
-                switch (rows) {
-                case 1: int4_rows1(xm, sm, K, group, w4, ldw, scales, sbf16, ym, N, n0, n1); break;
-                case 2: int4_rows2(xm, sm, K, group, w4, ldw, scales, sbf16, ym, N, n0, n1); break;
-                case 3: int4_rows3(xm, sm, K, group, w4, ldw, scales, sbf16, ym, N, n0, n1); break;
-                default: int4_rows4(xm, sm, K, group, w4, ldw, scales, sbf16, ym, N, n0, n1); break;
-                }
-            } else {
-                const int8_t *w8 = w;
-                switch (rows) {
-                case 1: int8_rows1(xm, K, w8, ldw, scales, sbf16, ym, N, n0, n1); break;
-                case 2: int8_rows2(xm, K, w8, ldw, scales, sbf16, ym, N, n0, n1); break;
-                case 3: int8_rows3(xm, K, w8, ldw, scales, sbf16, ym, N, n0, n1); break;
-                default: int8_rows4(xm, K, w8, ldw, scales, sbf16, ym, N, n0, n1); break;
-                }
-            }
+            if (group)
+                INT4_ROWS[rows](xm, xsum + m * groups, K, group, w, ldw, scales, sbf16, ym, N, n0, n1);
+            else
+                INT8_ROWS[rows](xm, K, w, ldw, scales, sbf16, ym, N, n0, n1);
         }
     }
     for (int64_t m = 0; m < M; m++) store_row(y32 + m * N, N, x_scale[m], bf16, (char *)y + m * N * (bf16 ? 2 : 4));
