@@ -6,12 +6,12 @@
  * operands for every output row, and its matrix-matrix kernel for a few rows is compute
  * bound on CPUs without native bf16 (AVX2): here the activations are converted once, each
  * weight row once per group of up to 6 activation rows, and R weight rows go through the
- * vector unit together, while the next R rows are prefetched: the hardware prefetchers stop
- * at page boundaries (a 2048-wide bf16 row is one 4 KiB page), and prefetching the next
- * rows raised the rate of a matrix-vector product from torch's 72-86% of a plain read
- * (tensor.sum()) of the same bytes to 101-123% (AMD EPYC, Zen 3, 1 and 2 threads). Threads (OpenMP, the same runtime as torch's:
- * one pool) take blocks of output features. Built with the machine's vector extensions
- * (cpu_linear.py's flags).
+ * vector unit together, read as R streams that software prefetching keeps ahead (below): the
+ * hardware prefetchers stop at page boundaries, and prefetching raised the rate of a
+ * matrix-vector product from torch's 72-86% of a plain read (tensor.sum()) of the same bytes
+ * to 101-123% (AMD EPYC, Zen 3, 1 and 2 threads). Threads (OpenMP, the same runtime as
+ * torch's: one pool) take blocks of output features. Built with the machine's vector
+ * extensions (cpu_linear.py's flags).
  */
 #include <math.h>
 #include <stdint.h>
@@ -54,21 +54,41 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
+/* Weight rows are read as R streams of memory, one per row of a pass, each walking S consecutive
+ * rows (STREAM_BYTES) before moving on: pass p takes rows first(p) + r * S. Each stream
+ * prefetches the same column R * S rows (R streams) ahead. The hardware prefetchers stop at page
+ * boundaries; measured on int8 rows of 2 KiB (AMD EPYC, Zen 3, 2 threads), streams of one row
+ * read at 72-79% of a plain read of the same bytes, streams of 8 KiB at 86-92%. */
+#define STREAM_BYTES 8192
+
+/* S: the rows of a stream, if the block [n0, n1) divides into whole passes of such streams
+ * (else 1: the R rows of a pass are adjacent). */
+static inline int64_t stream_rows(int64_t row_bytes, int64_t rows, int R) {
+    int64_t S = row_bytes >= STREAM_BYTES ? 1 : STREAM_BYTES / row_bytes;
+    return rows % (R * S) == 0 ? S : 1;
+}
+
+/* The first row of pass p (the others S, 2S, ... after it). */
+static inline int64_t pass_row(int64_t n0, int64_t p, int R, int64_t S) { return n0 + p / S * R * S + p % S; }
+
 /* Output features [n0, n1) of M activation rows (x: M x K, row stride K; y: row stride ldy),
  * R weight rows (row stride ldw) at a time; the remainder of K and of the rows one by one. */
 #define KERNEL(M, R)                                                                                    \
     static void rows##M(const float *x, int64_t K, const uint16_t *w, int64_t ldw, uint16_t *y, int64_t ldy, \
                         int64_t n0, int64_t n1) {                                                       \
-        int64_t k8 = K / 8 * 8, n = n0;                                                                 \
-        for (; n + R <= n1; n += R) {                                                                   \
+        int64_t k8 = K / 8 * 8, S = stream_rows(ldw * 2, n1 - n0, R), p = 0;                           \
+        for (int64_t n = n0; n + R <= n1; n += R, p++) {                                                \
+            int64_t first = pass_row(n0, p, R, S);                                                      \
+            const uint16_t *wr[R];                                                                      \
+            for (int r = 0; r < R; r++) wr[r] = w + (first + r * S) * ldw;                              \
             v8f acc[R][M];                                                                              \
             for (int r = 0; r < R; r++)                                                                 \
                 for (int m = 0; m < M; m++) acc[r][m] = (v8f){0};                                       \
             for (int64_t k = 0; k < k8; k += 8) {                                                       \
                 v8f wv[R];                                                                              \
-                for (int r = 0; r < R; r++) wv[r] = load_bf16(w + (n + r) * ldw + k);                   \
-                if (k % 32 == 0) /* a cache line of each of the next R rows, at the same column */       \
-                    for (int r = 0; r < R; r++) __builtin_prefetch(w + (n + R + r) * ldw + k, 0, 0);    \
+                for (int r = 0; r < R; r++) wv[r] = load_bf16(wr[r] + k);                               \
+                if (k % 32 == 0) /* a cache line of each stream, R * S rows ahead */                    \
+                    for (int r = 0; r < R; r++) __builtin_prefetch(wr[r] + R * S * ldw + k, 0, 0);      \
                 for (int m = 0; m < M; m++) {                                                           \
                     v8f xv = load_f32(x + m * K + k);                                                   \
                     for (int r = 0; r < R; r++) acc[r][m] += wv[r] * xv;                                \
@@ -77,11 +97,11 @@ static inline uint16_t f32_to_bf16(float f) {
             for (int r = 0; r < R; r++)                                                                 \
                 for (int m = 0; m < M; m++) {                                                           \
                     float s = sum8(acc[r][m]);                                                          \
-                    for (int64_t k = k8; k < K; k++) s += bf16_to_f32(w[(n + r) * ldw + k]) * x[m * K + k]; \
-                    y[m * ldy + n + r] = f32_to_bf16(s);                                                \
+                    for (int64_t k = k8; k < K; k++) s += bf16_to_f32(wr[r][k]) * x[m * K + k];         \
+                    y[m * ldy + first + r * S] = f32_to_bf16(s);                                        \
                 }                                                                                       \
         }                                                                                               \
-        for (; n < n1; n++)                                                                             \
+        for (int64_t n = n0 + (n1 - n0) / R * R; n < n1; n++)                                           \
             for (int m = 0; m < M; m++) {                                                               \
                 float s = 0;                                                                            \
                 for (int64_t k = 0; k < K; k++) s += bf16_to_f32(w[n * ldw + k]) * x[m * K + k];        \
@@ -139,7 +159,9 @@ int bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int6
  * largest value, where bf16 activations themselves carry 4e-3), and the weights, widened to 16
  * bits, are multiplied into exact 32-bit sums with vpmaddwd: 3 instructions per 16 int8
  * weights, 7 per 32 int4 weights. The float scales are applied once per row (int8) or group
- * (int4) of sums. AVX2 only (has_quantized_kernels() says whether it was built with it).
+ * (int4) of sums, a group's in 7 vector instructions (they were 12, half of them scalar, and
+ * took a fifth of int4's time). AVX2 only (has_quantized_kernels() says whether it was built
+ * with it).
  *
  * Scales and zeros are float32 or bfloat16 (sbf16), as loaded (no wider copy to read per step).
  * int8: w (N x K) int8, scale (N): y = scale * x_scale * sum(q * xq).
@@ -165,17 +187,33 @@ static inline __m256i madd(__m256i w, const int16_t *x) {
 
 static inline v8f to_float(__m256i v) { return (v8f)_mm256_cvtepi32_ps(v); }
 
+/* Pair i of int4's (scale, zero) pairs, each broadcast. A bfloat16 pair is one 32-bit load,
+ * the scale in its low half (shifted up: its float32 value) and the zero in its high half. */
+static inline void scale_pair(const void *so, int64_t i, int sbf16, v8f *scale, v8f *zero) {
+    if (sbf16) {
+        uint32_t pair;
+        memcpy(&pair, (const uint16_t *)so + i, sizeof pair);
+        __m256i v = _mm256_set1_epi32((int)pair);
+        *scale = (v8f)_mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *zero = (v8f)_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+    } else {
+        *scale = (v8f)_mm256_set1_ps(((const float *)so)[i]);
+        *zero = (v8f)_mm256_set1_ps(((const float *)so)[i + 1]);
+    }
+}
+
 /* Columns per exact integer sum: 2048 * 127 * 32767 < 2^31. */
 #define INT8_SPAN 2048
 
 #define INT8_KERNEL(M, R)                                                                               \
     static void int8_rows##M(const int16_t *x, int64_t K, const int8_t *w, int64_t ldw, const void *scale, int sbf16, \
                              float *y, int64_t ldy, int64_t n0, int64_t n1) {                             \
-        int64_t k16 = K / 16 * 16;                                                                      \
-        for (int64_t n = n0; n < n1; n += R) {                                                          \
+        int64_t k16 = K / 16 * 16, S = stream_rows(ldw, n1 - n0, R), p = 0;                             \
+        for (int64_t n = n0; n < n1; n += R, p++) {                                                     \
             int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
+            int64_t first = pass_row(n0, p, R, S);                                                      \
             const int8_t *wr[R];                                                                        \
-            for (int r = 0; r < R; r++) wr[r] = w + (n + (r < rows ? r : 0)) * ldw;                     \
+            for (int r = 0; r < R; r++) wr[r] = w + (first + (r < rows ? r : 0) * S) * ldw;             \
             v8f acc[R][M];                                                                              \
             for (int r = 0; r < R; r++)                                                                 \
                 for (int m = 0; m < M; m++) acc[r][m] = (v8f){0};                                       \
@@ -188,8 +226,8 @@ static inline v8f to_float(__m256i v) { return (v8f)_mm256_cvtepi32_ps(v); }
                     __m256i wv[R];                                                                      \
                     for (int r = 0; r < R; r++)                                                         \
                         wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr[r] + k)));    \
-                    if (k % 64 == 0) /* a cache line of each of the next R rows */                      \
-                        for (int r = 0; r < R; r++) __builtin_prefetch(wr[r] + R * ldw + k, 0, 0);      \
+                    if (k % 64 == 0) /* a cache line of each stream, R * S rows ahead */                \
+                        for (int r = 0; r < R; r++) __builtin_prefetch(wr[r] + R * S * ldw + k, 0, 0);  \
                     for (int m = 0; m < M; m++)                                                         \
                         for (int r = 0; r < R; r++)                                                     \
                             sum[r][m] = _mm256_add_epi32(sum[r][m], madd(wv[r], x + m * K + k));        \
@@ -199,9 +237,9 @@ static inline v8f to_float(__m256i v) { return (v8f)_mm256_cvtepi32_ps(v); }
             }                                                                                           \
             for (int r = 0; r < rows; r++)                                                              \
                 for (int m = 0; m < M; m++) {                                                           \
-                    int64_t tail = 0;                                                                   \
+                    int64_t tail = 0, row = first + r * S;                                              \
                     for (int64_t k = k16; k < K; k++) tail += (int64_t)wr[r][k] * x[m * K + k];         \
-                    y[m * ldy + n + r] = (sum8(acc[r][m]) + (float)tail) * scale_at(scale, n + r, sbf16);                \
+                    y[m * ldy + row] = (sum8(acc[r][m]) + (float)tail) * scale_at(scale, row, sbf16);   \
                 }                                                                                       \
         }                                                                                               \
     }
@@ -214,51 +252,52 @@ INT8_KERNEL(4, 2)
 static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64_t, const void *, int, float *, int64_t,
                                  int64_t, int64_t) = {0, int8_rows1, int8_rows2, int8_rows3, int8_rows4};
 
-/* xsum: M rows of K/G group sums of the activations (float32). */
+/* xsum: M rows of K/G group sums of the activations, each as a vector (sum, 0, ..., 0), so that
+ * one FMA adds a group's offset into the row's accumulator. */
 #define INT4_KERNEL(M, R)                                                                               \
-    static void int4_rows##M(const int16_t *x, const float *xsum, int64_t K, int64_t G, const uint8_t *w, int64_t ldw, \
+    static void int4_rows##M(const int16_t *x, const v8f *xsum, int64_t K, int64_t G, const uint8_t *w, int64_t ldw, \
                              const void *so, int sbf16, float *y, int64_t ldy, int64_t n0, int64_t n1) {            \
-        int64_t groups = K / G;                                                                         \
+        int64_t groups = K / G, S = stream_rows(ldw, n1 - n0, R), p = 0;                                \
         const __m256i mask = _mm256_set1_epi16(15);                                                     \
-        for (int64_t n = n0; n < n1; n += R) {                                                          \
+        for (int64_t n = n0; n < n1; n += R, p++) {                                                     \
             int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
-            const uint8_t *wr[R];                                                                       \
-            int64_t sor[R]; /* where each row's (scale, zero) pairs start */                             \
-            for (int r = 0; r < R; r++) {                                                               \
-                wr[r] = w + (n + (r < rows ? r : 0)) * ldw;                                             \
-                sor[r] = (n + (r < rows ? r : 0)) * groups * 2;                                         \
-            }                                                                                           \
+            int64_t row[R];                                                                             \
+            for (int r = 0; r < R; r++) row[r] = pass_row(n0, p, R, S) + (r < rows ? r : 0) * S;        \
             v8f acc[R][M];                                                                              \
-            float offsets[R][M];                                                                        \
             for (int r = 0; r < R; r++)                                                                 \
-                for (int m = 0; m < M; m++) acc[r][m] = (v8f){0}, offsets[r][m] = 0;                    \
+                for (int m = 0; m < M; m++) acc[r][m] = (v8f){0};                                       \
             for (int64_t g = 0; g < groups; g++) {                                                      \
+                const uint8_t *wg[R];                                                                   \
+                for (int r = 0; r < R; r++) {                                                           \
+                    wg[r] = w + row[r] * ldw + g * G / 2;                                               \
+                    __builtin_prefetch(wg[r] + R * S * ldw, 0, 0); /* G/2 bytes: 16-128 (a cache line) */ \
+                }                                                                                       \
+                const int16_t *xg = x + g * G;                                                          \
                 __m256i sum[R][M];                                                                      \
                 for (int r = 0; r < R; r++)                                                             \
                     for (int m = 0; m < M; m++) sum[r][m] = _mm256_setzero_si256();                     \
-                for (int64_t k = g * G; k < (g + 1) * G; k += 32) {                                     \
+                for (int64_t j = 0; j < G / 2; j += 16) {                                               \
                     __m256i hi[R], lo[R];                                                               \
                     for (int r = 0; r < R; r++) {                                                       \
-                        __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wr[r] + k / 2))); \
+                        __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg[r] + j))); \
                         hi[r] = _mm256_srli_epi16(b, 4);                                                \
                         lo[r] = _mm256_and_si256(b, mask);                                              \
                     }                                                                                   \
-                    if (k % 128 == 0)                                                                   \
-                        for (int r = 0; r < R; r++) __builtin_prefetch(wr[r] + R * ldw + k / 2, 0, 0);  \
                     for (int m = 0; m < M; m++)                                                         \
                         for (int r = 0; r < R; r++)                                                     \
                             sum[r][m] = _mm256_add_epi32(sum[r][m], _mm256_add_epi32(                   \
-                                madd(hi[r], x + m * K + k), madd(lo[r], x + m * K + k + 16)));          \
+                                madd(hi[r], xg + m * K + 2 * j), madd(lo[r], xg + m * K + 2 * j + 16))); \
                 }                                                                                       \
-                for (int r = 0; r < R; r++)                                                             \
-                    for (int m = 0; m < M; m++) {                                                       \
-                        float scale = scale_at(so, sor[r] + g * 2, sbf16);                              \
-                        acc[r][m] += to_float(sum[r][m]) * scale;                                       \
-                        offsets[r][m] += (scale_at(so, sor[r] + g * 2 + 1, sbf16) - 8 * scale) * xsum[m * groups + g]; \
-                    }                                                                                   \
+                for (int r = 0; r < R; r++) {                                                           \
+                    v8f scale, zero;                                                                    \
+                    scale_pair(so, (row[r] * groups + g) * 2, sbf16, &scale, &zero);                    \
+                    v8f offset = zero - 8 * scale;                                                      \
+                    for (int m = 0; m < M; m++)                                                         \
+                        acc[r][m] += to_float(sum[r][m]) * scale + offset * xsum[m * groups + g];       \
+                }                                                                                       \
             }                                                                                           \
             for (int r = 0; r < rows; r++)                                                              \
-                for (int m = 0; m < M; m++) y[m * ldy + n + r] = sum8(acc[r][m]) + offsets[r][m];       \
+                for (int m = 0; m < M; m++) y[m * ldy + row[r]] = sum8(acc[r][m]);                      \
         }                                                                                               \
     }
 
@@ -267,7 +306,7 @@ INT4_KERNEL(2, 2)
 INT4_KERNEL(3, 1)
 INT4_KERNEL(4, 1)
 
-static void (*const INT4_ROWS[])(const int16_t *, const float *, int64_t, int64_t, const uint8_t *, int64_t, const void *,
+static void (*const INT4_ROWS[])(const int16_t *, const v8f *, int64_t, int64_t, const uint8_t *, int64_t, const void *,
                                  int, float *, int64_t, int64_t, int64_t) = {0, int4_rows1, int4_rows2, int4_rows3,
                                                                              int4_rows4};
 
@@ -278,34 +317,66 @@ static inline void store_row(const float *src, int64_t n, float scale, int bf16,
         for (int64_t i = 0; i < n; i++) ((float *)dst)[i] = src[i] * scale;
 }
 
+static float largest_magnitude(const float *x, int64_t K) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 top = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude));
+    float out = 0, lanes[8];
+    _mm256_storeu_ps(lanes, top);
+    for (int i = 0; i < 8; i++) out = lanes[i] > out ? lanes[i] : out;
+    for (; k < K; k++) out = fabsf(x[k]) > out ? fabsf(x[k]) : out;
+    return out;
+}
+
+/* q = x * inverse_scale rounded to the nearest integer (ties to even, as lrintf); |q| <= 32767. */
+static void round_to_int16(const float *x, int64_t K, float inverse_scale, int16_t *q) {
+    const __m256 s = _mm256_set1_ps(inverse_scale);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), s));
+        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), s));
+        /* packs interleaves the two by 128-bit lanes; the permutation puts them back in order */
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8));
+    }
+    for (; k < K; k++) q[k] = (int16_t)lrintf(x[k] * inverse_scale);
+}
+
+static float sum_of(const float *x, int64_t n) {
+    v8f acc = {0};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) acc += load_f32(x + k);
+    float out = sum8(acc);
+    for (; k < n; k++) out += x[k];
+    return out;
+}
+
 /* y (M x N) = x (M x K) @ dequantized(w).T, x and y bfloat16 (bf16 = 1) or float32 (0); group
  * is 0 for int8, else int4's group size (a multiple of 32). At most 4 activation rows per pass
  * over the weight. Returns 0, or -1 if out of memory. */
 int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *w, int64_t ldw, const void *scales,
                      int sbf16, int64_t group, int64_t N, void *y, int threads) {
     int64_t groups = group ? K / group : 0;
-    char *buffer = malloc((size_t)(M * K) * (sizeof(float) + sizeof(int16_t)) + (size_t)(M * (groups + N + 1)) * sizeof(float));
+    size_t bytes = (size_t)(M * groups) * sizeof(v8f) + (size_t)(M * (K + N + 1)) * sizeof(float) +
+                   (size_t)(M * K) * sizeof(int16_t);
+    char *buffer = aligned_alloc(sizeof(v8f), (bytes + sizeof(v8f) - 1) / sizeof(v8f) * sizeof(v8f));
     if (!buffer) return -1;
-    float *x32 = (float *)buffer, *xsum = x32 + M * K, *y32 = xsum + M * groups, *x_scale = y32 + M * N;
+    v8f *xsum = (v8f *)buffer;
+    float *x32 = (float *)(xsum + M * groups), *y32 = x32 + M * K, *x_scale = y32 + M * N;
     int16_t *xq = (int16_t *)(x_scale + M);
     for (int64_t m = 0; m < M; m++) {
-        float amax = 0;
+        float *row = x32 + m * K;
         for (int64_t k = 0; k < K; k++) {
-            int64_t i = m * K + k;
-            x32[i] = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-            amax = fabsf(x32[i]) > amax ? fabsf(x32[i]) : amax;
-        }
-        x_scale[m] = amax > 0 ? amax / 32767 : 1;
-        for (int64_t k = 0; k < K; k++) {
-            /* int4: within each 32 columns, the even ones first (see above) */
+            /* int4: within each 32 columns, the even ones first (see above); sums of groups
+             * (whole multiples of 32 columns) do not depend on the order */
             int64_t j = group ? (k & ~(int64_t)31) + (k & 1) * 16 + (k & 31) / 2 : k;
-            xq[m * K + j] = (int16_t)lrintf(x32[m * K + k] / x_scale[m]);
+            row[j] = bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
         }
-        for (int64_t g = 0; g < groups; g++) {
-            float sum = 0;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) sum += x32[m * K + k];
-            xsum[m * groups + g] = sum / x_scale[m]; /* the result is scaled by x_scale at the end */
-        }
+        float amax = largest_magnitude(row, K);
+        x_scale[m] = amax > 0 ? amax / 32767 : 1;
+        round_to_int16(row, K, 1 / x_scale[m], xq + m * K);
+        for (int64_t g = 0; g < groups; g++) /* the result is scaled by x_scale at the end */
+            xsum[m * groups + g] = (v8f){sum_of(row + g * group, group) / x_scale[m]};
     }
     int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
