@@ -292,8 +292,10 @@ static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64
                     v8f scale, zero;                                                                    \
                     scale_pair(so, (row[r] * groups + g) * 2, sbf16, &scale, &zero);                    \
                     v8f offset = zero - 8 * scale;                                                      \
-                    for (int m = 0; m < M; m++)                                                         \
-                        acc[r][m] += to_float(sum[r][m]) * scale + offset * xsum[m * groups + g];       \
+                    for (int m = 0; m < M; m++) { /* two FMAs */                                        \
+                        acc[r][m] += to_float(sum[r][m]) * scale;                                       \
+                        acc[r][m] += offset * xsum[m * groups + g];                                     \
+                    }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
             for (int r = 0; r < rows; r++)                                                              \
