@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama import cpu_linear
 from llama.args import ModelArgs
 
 
@@ -62,10 +63,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per sequence (a decode step) against its whole cache row.
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per sequence (a decode step) against its cache row, up to its position.
 
-    q: (batch, heads, 1, head_dim); k, v: (batch, kv_heads, seq, head_dim); mask: (batch, 1, 1, seq).
+    q: (batch, heads, 1, head_dim); k, v: (batch, kv_heads, seq, head_dim); positions: (batch, 1).
+    On CPU, llama.cpu_linear's kernel, which reads each cached key and value once and only up to
+    the position; elsewhere (and where it does not build) torch_one_query_attention."""
+    if cpu_linear.decode_attention_applies(q, k, v):
+        return cpu_linear.decode_attention(q, k, v, positions)
+    mask = torch.arange(k.shape[2], device=q.device) <= positions
+    return torch_one_query_attention(q, k, v, mask[:, None, None, :])
+
+
+def torch_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """one_query_attention in torch operators, over the whole cache row under mask (batch, 1, 1, seq).
+
     Query heads are grouped under the key/value head they share, so grouped-query attention
     reads each cached head once, as a batched matrix product, instead of repeating K/V per
     query head (what scaled_dot_product_attention's math fallback does when given a mask).
@@ -126,8 +138,7 @@ class Attention(nn.Module):
             self.kv_cache.write(torch.arange(bsz, device=x.device) if decoding else rows, positions, k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if decoding:
-            mask = torch.arange(self.kv_cache.k.shape[2], device=x.device) <= positions
-            y = one_query_attention(q, self.kv_cache.k, self.kv_cache.v, mask[:, None, None, :])
+            y = one_query_attention(q, self.kv_cache.k, self.kv_cache.v, positions)
         else:
             # A prompt attends only to itself: causal attention over its own keys, which
             # keeps the fused (flash / memory-efficient) kernels and reads no cache.

@@ -61,3 +61,44 @@ def test_an_avx2_limit_means_no_native_bf16(env):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), **env}, check=True).stdout
     assert out.strip() == "False"
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each row's query heads over its keys 0..position, in float64, one head at a time."""
+    bsz, n_heads, _, head_dim = q.shape
+    group = n_heads // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(bsz):
+        n = int(positions[b]) + 1
+        for h in range(n_heads):
+            keys, values = k[b, h // group, :n].double(), v[b, h // group, :n].double()
+            out[b, h, 0] = torch.softmax(keys @ q[b, h, 0].double() / head_dim**0.5, dim=0) @ values
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [
+    (1, 32, 8, 256, 64),  # llama3.2-1b's heads
+    (3, 8, 8, 37, 128),  # no grouping; positions 0 and the last
+    (2, 6, 2, 19, 16),
+])
+def test_decode_attention_reads_each_row_up_to_its_position(shape, dtype):
+    from llama.model import one_query_attention, torch_one_query_attention
+
+    bsz, n_heads, n_kv_heads, seq, head_dim = shape
+    g = torch.Generator().manual_seed(seq)
+    q = torch.randn(bsz, n_heads, 1, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(bsz, n_kv_heads, seq, head_dim, generator=g).to(dtype) for _ in range(2))
+    positions = torch.tensor([seq - 1, 0, seq // 2][:bsz])[:, None]
+    expected = reference_attention(q, k, v, positions)
+    torch_version = torch_one_query_attention(q, k, v, (torch.arange(seq) <= positions)[:, None, None, :])
+    for b in range(bsz):  # what lies past a row's position is never read
+        k[b, :, positions[b] + 1:] = v[b, :, positions[b] + 1:] = float("nan")
+    assert cpu_linear.decode_attention_applies(q, k, v)
+    got = one_query_attention(q, k, v, positions)
+    assert got.dtype == dtype and got.shape == q.shape
+    tolerance = dict(rtol=2**-7, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), expected, **tolerance)
+    torch.testing.assert_close(got, torch_version, **tolerance)
+    compiled = torch.compile(one_query_attention, fullgraph=True)(q, k, v, positions)
+    torch.testing.assert_close(compiled, got, rtol=0, atol=0)
