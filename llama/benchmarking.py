@@ -115,9 +115,9 @@ ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 def decode_bytes_per_step(args: ModelArgs, tp: int, batch_size: int, cache_len: int, element_size: int) -> int:
     """Bytes one decode step must read on one rank: every local weight except the embedding
-    table (of which it reads one row per sequence) plus the whole static KV cache, which
-    attention reads in full under its mask. Quantized linear weights count what their
-    kernels read: the values, scales and zeros (element_size is the activations' dtype's)."""
+    table (of which it reads one row per sequence) plus cache_len positions of the KV cache.
+    Quantized linear weights count what their kernels read: the values, scales and zeros
+    (element_size is the activations' dtype's)."""
     scheme = quantize.scheme_of(args)
     linears = 0
     for name, shape in args.weight_shapes().items():
@@ -400,8 +400,12 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
     """Every figure of one configuration (collective: all ranks call it)."""
     config, tp = measured.config, dist.get_world_size()
     element_size = model.tok_embeddings.weight.element_size()  # the activations' (output may be quantized)
-    cache_len = model.args.max_seq_len  # decode attends over the whole static cache
-    bytes_per_step = tp * decode_bytes_per_step(model.args, tp, config.batch_size, cache_len, element_size)
+    # Decode attention reads the whole static cache under a mask, except llama.cpu_linear's on
+    # CPU, which reads each row up to its position: on average the prompt and half the output.
+    attended = model.args.max_seq_len
+    if model.tok_embeddings.weight.device.type == "cpu" and cpu_linear.has_decode_attention():
+        attended = config.prompt_len + config.gen_len // 2
+    bytes_per_step = tp * decode_bytes_per_step(model.args, tp, config.batch_size, attended, element_size)
     ours = trial_metrics(measured.trials, config.batch_size, config.prompt_len)
     step_s = 1 / ours["decode_tokens_per_s_per_seq"]["median"]
     peaks = gather_per_rank(memory.read())
@@ -411,7 +415,8 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
         "bytes_per_decode_step": bytes_per_step,
         "roofline": roofline(bytes_per_step, step_s, ceiling["ceiling_gb_per_s"] * 1e9),
         "weight_bytes_per_rank": weight_bytes(model),
-        "kv_cache_bytes_per_rank": kv_cache_bytes(model.args, tp, config.batch_size, cache_len, element_size),
+        "kv_cache_bytes_per_rank": kv_cache_bytes(model.args, tp, config.batch_size, model.args.max_seq_len,
+                                                  element_size),
         "peak_memory_per_rank": peaks,
         # The largest rank's peak: CUDA max allocated, or peak RSS on CPU.
         "peak_memory_bytes": max(next(iter(p.values())) for p in peaks),
