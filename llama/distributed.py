@@ -47,6 +47,10 @@ SUSPECT_SILENCE_S = 3.0
 # processes of that launcher ending) to show.
 STORE_SILENCE_S = 15.0
 STORE_GONE_GRACE_S = 2.0
+# After a SIGTERM, how long a rank still looks for a lost rank or store to report before it
+# ends quietly: a lost rank's report takes up to two watch intervals (its own, then this one's),
+# a lost store's STORE_GONE_GRACE_S and one.
+SIGTERM_GRACE_S = STORE_GONE_GRACE_S + 2 * WATCH_INTERVAL_S
 STORE_REQUEST_TIMEOUT_S = 5.0
 # How long a failing rank waits for the others to see that it reported its failure.
 LEAVE_ACKNOWLEDGE_S = 3.0
@@ -314,14 +318,19 @@ class JobWatch:
                 pass
         if FAILED in self._states.values():
             self._end(None)  # that rank has said what went wrong
-        silence = SUSPECT_SILENCE_S if self._suspect.is_set() or terminated else REMOTE_SILENCE_S
+        stopping = terminated or self._sigterm_deadline is not None
+        silence = SUSPECT_SILENCE_S if self._suspect.is_set() or stopping else REMOTE_SILENCE_S
         self._end_if_lost(dict(self._members), now, silence, store_ok=self._store_answered == now)
         gone = self._store_gone_at is not None and now - self._store_gone_at > STORE_GONE_GRACE_S
         if gone or now - self._store_answered > STORE_SILENCE_S:
             self._end(f"error: lost the job's store at {self.store_address} (the launcher or machine that held it "
                       "ended); stopping the job", survivors_exclude=set(), same_machine_only=True)
-        if terminated and self.sigterm_grace_s is not None and self._sigterm_deadline is None:
-            self._sigterm_deadline = now + self.sigterm_grace_s  # the main thread stops the job cleanly
+        if terminated and self._sigterm_deadline is None:
+            # A launcher stops its workers when a rank of another launcher was lost, often before
+            # this watch has seen it: a moment to say which (a server's main thread meanwhile
+            # stops the job cleanly, see stop_cleanly_on_sigterm).
+            grace = SIGTERM_GRACE_S if self.sigterm_grace_s is None else self.sigterm_grace_s
+            self._sigterm_deadline = now + grace
         elif terminated or (self._sigterm_deadline is not None and now > self._sigterm_deadline):
             # torchrun or the user stops this worker, and no other rank is to blame
             self._end(None, code=128 + signal.SIGTERM)
