@@ -51,16 +51,23 @@ def _scale_llama31(freqs: torch.Tensor, factor: float, high_freq_factor: float) 
     return torch.where(in_band, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) like Meta's complex multiplication, in float32.
+def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rope's tables from rope_frequencies' angles: (positions, head_dim) each, cos(a_i)
+    at columns 2i and 2i+1, and -sin(a_i), sin(a_i)."""
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
-    x: (batch, seq, heads, head_dim); cos, sin: (batch or 1, seq, head_dim // 2).
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) like Meta's complex multiplication, in float32:
+    (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), the same products and sums.
+
+    x: (batch, seq, heads, head_dim); cos, sin: rope_tables' rows, (batch or 1, seq, head_dim).
+    Elementwise over whole rows (half the operators of rotating real and imaginary parts apart:
+    measured 25 against 55 us a call in an eager CPU decode step)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i])
+    return (xf * cos[:, :, None] + swapped * sin[:, :, None]).type_as(x)
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -104,9 +111,13 @@ class KVCache(nn.Module):
         shape = (rows, n_kv_heads, seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("all_rows", torch.arange(rows, device=device), persistent=False)
 
-    def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """rows: (batch,); positions: (batch, seq); k, v: (batch, seq, kv_heads, head_dim)."""
+    def write(self, rows: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """rows: (batch,), None for rows 0..batch-1 (a decode step); positions: (batch, seq);
+        k, v: (batch, seq, kv_heads, head_dim)."""
+        if rows is None:
+            rows = self.all_rows[:k.shape[0]]
         self.k[rows[:, None], :, positions] = k
         self.v[rows[:, None], :, positions] = v
 
@@ -135,7 +146,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         decoding = rows is None
         if self.kv_cache is not None:
-            self.kv_cache.write(torch.arange(bsz, device=x.device) if decoding else rows, positions, k, v)
+            self.kv_cache.write(rows, positions, k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if decoding:
             y = one_query_attention(q, self.kv_cache.k, self.kv_cache.v, positions)
@@ -195,9 +206,9 @@ class Transformer(nn.Module):
             return
         weight = self.tok_embeddings.weight  # never quantized: its dtype is the activations'
         device, dtype = weight.device, weight.dtype
-        angles = rope_frequencies(self.args).to(device)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        cos, sin = rope_tables(rope_frequencies(self.args).to(device))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         for layer in self.layers:
             attn = layer.attention
             attn.kv_cache = KVCache(rows, attn.n_kv_heads, self.args.max_seq_len, attn.head_dim, dtype, device)
@@ -223,8 +234,7 @@ class Transformer(nn.Module):
     def _rotary_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache_rows:  # allocated with the caches
             return self.rope_cos, self.rope_sin
-        angles = rope_frequencies(self.args).to(device)  # training: no caches
-        return angles.cos(), angles.sin()
+        return rope_tables(rope_frequencies(self.args).to(device))  # training: no caches
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every cache row: tokens and positions (rows,). Returns float32
