@@ -19,9 +19,10 @@ are rounded to the activations' dtype once, as torch's bf16 kernels round them.
 
 Weight-only int8 and int4 weights (llama.quantize) on x86 CPUs with AVX2, where cpu_linear.c
 builds: few rows through its quantized kernels, which read the stored layout as it is and
-multiply 16-bit integers (torch's own CPU kernels for these are compute bound on AVX2 at 4-5 G
-weights/s a core: no faster than streaming bf16); many rows as float32 GEMMs on dequantized
-blocks of rows, as above.
+multiply integers (int8 weights by the activations rounded to 16 bits, int4 by 8 bits per block
+of columns; torch's own CPU kernels for these are compute bound on AVX2 at 4-5 G weights/s a
+core: no faster than streaming bf16); many rows as float32 GEMMs on dequantized blocks of rows,
+as above.
 
 The same library holds the decode step's attention on CPU (decode_attention, any CPU where it
 builds): each row's query against its cached keys and values up to its position, read once as
@@ -51,6 +52,9 @@ _SOURCE = Path(__file__).with_name("cpu_linear.c")
 FEW_ROWS = 32
 # The same for int8/int4 weights (cpu_linear.c's quantized kernels take 4 rows a pass).
 QUANTIZED_FEW_ROWS = 16
+# cpu_linear.c's int4 kernel takes rows of whole 64-column blocks (narrower local rows, as a
+# small model's split over many ranks can leave, multiply dequantized blocks instead).
+INT4_KERNEL_COLUMNS = 64
 # Bytes of the float32 block of weight rows that a GEMM multiplies at a time.
 BLOCK_BYTES = 4 << 20
 
@@ -164,7 +168,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     lib = _library()
     threads = torch.get_num_threads()
     scales_bf16 = scales.dtype == torch.bfloat16
-    if rows > QUANTIZED_FEW_ROWS:
+    if rows > QUANTIZED_FEW_ROWS or (group_size and k % INT4_KERNEL_COLUMNS):
         def fill(block: torch.Tensor, start: int, stop: int) -> None:
             lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size, k,
                                 start, stop, block.data_ptr(), threads)

@@ -48,10 +48,16 @@ def test_kernels_match_dequantize_then_linear(scheme, dtype):
         out = quantize.linear(x, scheme, 40, *operands)
         expected = F.linear(x.float(), dequantized)
         assert out.shape == (rows, 3, 40) and out.dtype == dtype
-        # float32: the CPU kernels round activations to 16-bit integers (llama/cpu_linear.c), an
-        # error hundreds of times below the weights' own rounding (half a step: ~1e-2 here).
-        tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-4
-        torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+        if scheme.name == "int4" and rows * 3 <= cpu_linear.QUANTIZED_FEW_ROWS and cpu_linear.has_quantized_kernels():
+            # cpu_linear.c's int4 kernel rounds the activations to 8 bits per block of columns:
+            # an error under a tenth of the one the weights' own rounding makes (measured 7-9%).
+            own_rounding = F.linear(x.float(), dequantized - weight)
+            assert (out.float() - expected).norm() <= 0.15 * own_rounding.norm()
+        else:
+            # float32: the CPU int8 kernel rounds activations to 16-bit integers, an error
+            # hundreds of times below the weights' own rounding (half a step: ~1e-2 here).
+            tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-4
+            torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
         if rows == 1:  # the decode step's product, as a compiled graph calls it
             assert torch.equal(compiled(x), out)
 
