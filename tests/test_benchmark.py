@@ -61,7 +61,8 @@ def test_decode_bytes_match_the_model():
     model.setup_caches(3)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = model.tok_embeddings.weight
-    cache = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if ".kv_cache." in name)
+    cache = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                if name.endswith((".kv_cache.k", ".kv_cache.v")))
     assert bench.kv_cache_bytes(args, 1, 3, 20, 2) == cache
     assert bench.decode_bytes_per_step(args, 1, 3, 20, 2) == \
         params - embedding.numel() * 2 + 3 * args.dim * 2 + cache
