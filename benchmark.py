@@ -199,9 +199,6 @@ def main() -> None:
         int_list("batch_size", args.batch_size, 1), int_list("prompt_len", args.prompt_len, 1),
         int_list("gen_len", args.gen_len, 2))]
     dtype_names, quantized = dtypes(args), schemes(args)
-    if args.compile:  # one compiled decode step per model and configuration must stay cached
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   len(configs) * len(dtype_names) * len(quantized) + 1)
     threads = torch.get_num_threads()
     log(f"{args.random_weights or args.converted_ckpt_dir}: TP={runtime.world_size} on "
         f"{bench.device_name(runtime.device)}, {threads} thread(s) per rank, torch {torch.__version__}, "

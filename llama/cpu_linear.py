@@ -181,7 +181,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
                             weight.stride(0), scales.data_ptr(), scales_bf16, group_size, n, y.data_ptr(),
                             threads) != 0:
         raise MemoryError(f"{rows} x {k} float32 activations")
-    return y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)  # a no-op .to costs 2-3 us a call, 1% of a decode step
 
 
 @torch.compiler.assume_constant_result  # a constant to torch.compile
