@@ -6,8 +6,8 @@ import torch
 
 from helpers import LLAMA3_TINY, random_weights
 from llama.args import ModelArgs
-from llama.generation import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, Request, SamplingParams,
-                              generate)
+from llama.generation import (_COMPILED_DECODE, FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, Request,
+                              SamplingParams, generate, use_compiled_decode)
 from llama.model import Transformer
 from llama.serving import warm_up
 
@@ -108,3 +108,23 @@ def test_warm_up_runs_both_decode_variants(model):
     engine._step = lambda *inputs: variants.append(inputs[-1]) or step(*inputs)
     warm_up(engine)
     assert set(variants) == {False, True}
+
+
+def test_compiled_steps_keep_to_their_model_and_cache_size(model):
+    """A compiled decode step skips dynamo's guards on the model's modules
+    (generation._compile_decode), so each model and cache size must get its own: two models of
+    other widths and two cache sizes, taking turns, each give the eager greedy tokens."""
+    wider_args = ModelArgs(**{**LLAMA3_TINY, "dim": 2 * LLAMA3_TINY["dim"], "max_seq_len": 64, "max_batch_size": 3},
+                           vocab_size=300)
+    wider = Transformer(wider_args).eval()
+    wider.load_state_dict(random_weights(wider_args, seed=4))
+    batch = prompts(3, seed=5)
+    eager = {(name, n): [c.tokens for c in generate(m, batch[:n], 5, frozenset(), temperature=0.0)]
+             for name, m in (("model", model), ("wider", wider)) for n in (2, 3)}
+    for m in (model, wider):
+        use_compiled_decode(m)
+    try:
+        for name, m, n in (("model", model, 3), ("wider", wider, 3), ("model", model, 2), ("model", model, 3)):
+            assert [c.tokens for c in generate(m, batch[:n], 5, frozenset(), temperature=0.0)] == eager[name, n]
+    finally:
+        _COMPILED_DECODE.pop(model)  # the module's other tests run it eager
