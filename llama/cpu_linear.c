@@ -289,14 +289,16 @@ int decode_attention(const void *q, int qbf16, const void *k, const void *v, int
  * - int8: activations as 16-bit integers with one scale for the row (|x| / max |x| * 32767: a
  *   rounding error below 2e-5 of the row's largest value, where bf16 activations themselves
  *   carry 4e-3), weights widened to 16 bits, vpmaddwd: 3 instructions per 16 weights.
- * - int4: activations as 8-bit integers with one scale per block of 64 columns or per group if
- *   larger (the scheme of llama.cpp's Q4_0 x Q8_0 products and torchao's int8-activation int4
- *   weights), vpmaddubsw on the nibbles: 7 instructions per 64 weights. Their rounding makes
- *   an error 7-9% the size of the weights' own rounding error in a product (measured: norms of
- *   the differences to float64 products, 256- to 8192-wide rows, every group size). With 16-bit
- *   activations int4 took 14 instructions per 64 and ran at 0.43 of a plain read of the same
- *   bytes for 4 activation rows, 0.26 for 8 (now 0.51 and 0.32); one row is bound by memory
- *   either way (AMD EPYC, Zen 3, 2 threads).
+ * - int4: activations as 8-bit integers with one scale per group (per 64 columns at group size
+ *   32; the scheme of llama.cpp's Q4_0 x Q8_0 products and torchao's int8-activation int4
+ *   weights), vpmaddubsw on the nibbles: 7 instructions per 64 weights, where 16-bit activations
+ *   took 14; and the float work of 8 groups at once (a group's scale is one permutation, the
+ *   offsets one FMA per 8 groups), where each group took 9 instructions. The rounding of the
+ *   activations makes an error 7-9% the size of the weights' own rounding error in a product
+ *   (measured: norms of the differences to float64 products, 256- to 8192-wide rows, every group
+ *   size). Against the version with 16-bit activations, interleaved in one process (AMD EPYC,
+ *   Zen 3, 2 threads), as a fraction of a plain read of the same bytes: one activation row
+ *   0.83 -> 0.93-1.01, 4 rows 0.37 -> 0.56, 8 rows 0.17 -> 0.28.
  *
  * Scales and zeros are float32 or bfloat16 (sbf16), as loaded (no wider copy to read per step).
  * int8: w (N x K) int8, scale (N): y = scale * x_scale * sum(q * xq).
@@ -317,18 +319,22 @@ static inline __m256i madd(__m256i w, const int16_t *x) {
 
 static inline v8f to_float(__m256i v) { return (v8f)_mm256_cvtepi32_ps(v); }
 
-/* Pair i of int4's (scale, zero) pairs, each broadcast. A bfloat16 pair is one 32-bit load,
- * the scale in its low half (shifted up: its float32 value) and the zero in its high half. */
-static inline void scale_pair(const void *so, int64_t i, int sbf16, v8f *scale, v8f *zero) {
+/* The (scale, zero) pairs of 8 consecutive int4 groups from element i of so (count of them, the
+ * others 0): their scales and their zeros. bfloat16 pairs are 32 bits each, the scale in the low
+ * half (shifted up: its float32 value) and the zero in the high half. */
+static inline void scale_pairs8(const void *so, int64_t i, int count, int sbf16, v8f *scale, v8f *zero) {
+    size_t size = sbf16 ? 2 : 4;
+    char tail[64] = {0};
+    const char *p = (const char *)so + i * size;
+    if (count < 8) p = memcpy(tail, p, 2 * count * size);
     if (sbf16) {
-        uint32_t pair;
-        memcpy(&pair, (const uint16_t *)so + i, sizeof pair);
-        __m256i v = _mm256_set1_epi32((int)pair);
+        __m256i v = _mm256_loadu_si256((const __m256i *)p);
         *scale = (v8f)_mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         *zero = (v8f)_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
-    } else {
-        *scale = (v8f)_mm256_set1_ps(((const float *)so)[i]);
-        *zero = (v8f)_mm256_set1_ps(((const float *)so)[i + 1]);
+    } else { /* even elements, then odd ones; the shuffles leave their 64-bit quarters 0 2 1 3 */
+        __m256 a = _mm256_loadu_ps((const float *)p), b = _mm256_loadu_ps((const float *)p + 8);
+        *scale = (v8f)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+        *zero = (v8f)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
     }
 }
 
@@ -382,19 +388,24 @@ INT8_KERNEL(4, 2)
 static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64_t, const void *, int, float *, int64_t,
                                  int64_t, int64_t) = {0, int8_rows1, int8_rows2, int8_rows3, int8_rows4};
 
-/* int4 takes its activations as int8, one scale per block of B = max(G, 64) columns (xq: M x K,
- * reordered as below; xscale, xsum: M x K/B vectors), so that vpmaddubsw multiplies 32 unsigned
- * nibbles by 32 signed bytes in one instruction. A block's integer sums stay in 16 bits (at most
- * 4 * 2 * 2 * 15 * 127 < 2^15 per lane at B = 256) until the block's end. The 8 32-bit lanes of a
- * block's sums cover its columns in order, so at G = 32 lanes 0-3 are its first group and 4-7
- * its second: the scale vector holds each group's scale in its lanes, and the offsets meet
- * xsum's (sum of group 1, 0, 0, 0, sum of group 2, 0, 0, 0). At G >= 64: (sum, 0, ..., 0). */
+/* int4 takes its activations as int8, one scale per group, or per 64 columns at G = 32 (xq: M x K,
+ * reordered as below; xscale, xsum: M x P floats, P = groups rounded up to a multiple of 8, zeros
+ * after the last group), so that vpmaddubsw multiplies 32 unsigned nibbles by 32 signed bytes in
+ * one instruction. A unit of U = max(G, 64) columns keeps its integer sums in 16 bits (at most
+ * 4 * 2 * 2 * 15 * 127 < 2^15 per lane at G = 256) until its end, when they become 8 float
+ * lanes that cover its columns in order (at G = 32: lanes 0-3 its first group, 4-7 its second).
+ * The scales of 8 groups are read and multiplied by the activations' scales together, and a
+ * unit picks its own from them with one permutation; the offsets of 8 groups meet the
+ * activations' group sums in one FMA, in an accumulator of their own. */
 #define INT4_KERNEL(M, R)                                                                               \
-    static void int4_rows##M(const int8_t *x, const v8f *xscale, const v8f *xsum, int64_t K, int64_t G,             \
+    static void int4_rows##M(const int8_t *x, const float *xscale, const float *xsum, int64_t K, int64_t G,         \
                              const uint8_t *w, int64_t ldw, const void *so, int sbf16, float *y, int64_t ldy,       \
                              int64_t n0, int64_t n1) {                                                  \
-        int64_t B = G < 64 ? 64 : G, blocks = K / B, groups = K / G, S = stream_rows(ldw, n1 - n0, R), p = 0; \
+        int64_t U = G < 64 ? 64 : G, groups = K / G, P = (groups + 7) / 8 * 8;                           \
+        int64_t S = stream_rows(ldw, n1 - n0, R), p = 0;                                                \
         const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);                      \
+        const __m256i first = G < 64 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256(); \
+        const __m256i step = _mm256_set1_epi32(G < 64 ? 2 : 1);                                         \
         for (int64_t n = n0; n < n1; n += R, p++) {                                                     \
             int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
             int64_t row[R];                                                                             \
@@ -402,45 +413,44 @@ static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64
             v8f acc[R][M];                                                                              \
             for (int r = 0; r < R; r++)                                                                 \
                 for (int m = 0; m < M; m++) acc[r][m] = (v8f){0};                                       \
-            for (int64_t b = 0; b < blocks; b++) {                                                      \
-                const uint8_t *wb[R];                                                                   \
-                for (int r = 0; r < R; r++) wb[r] = w + row[r] * ldw + b * B / 2;                       \
-                const int8_t *xb = x + b * B;                                                           \
-                __m256i sum[R][M];                                                                      \
-                for (int r = 0; r < R; r++)                                                             \
-                    for (int m = 0; m < M; m++) sum[r][m] = _mm256_setzero_si256();                     \
-                for (int64_t j = 0; j < B / 2; j += 32) {                                               \
-                    __m256i hi[R], lo[R];                                                               \
-                    for (int r = 0; r < R; r++) {                                                       \
-                        if (j % 64 == 0) /* a cache line of each stream, R * S rows ahead */            \
-                            __builtin_prefetch(wb[r] + R * S * ldw + j, 0, 0);                          \
-                        __m256i bytes = _mm256_loadu_si256((const __m256i *)(wb[r] + j));               \
-                        hi[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);                  \
-                        lo[r] = _mm256_and_si256(bytes, nibble);                                        \
-                    }                                                                                   \
+            for (int64_t g0 = 0; g0 < groups; g0 += 8) {                                                \
+                int count = groups - g0 < 8 ? (int)(groups - g0) : 8;                                   \
+                v8f scale[R][M];                                                                        \
+                for (int r = 0; r < R; r++) {                                                           \
+                    v8f s, z;                                                                           \
+                    scale_pairs8(so, (row[r] * groups + g0) * 2, count, sbf16, &s, &z);                  \
                     for (int m = 0; m < M; m++) {                                                       \
-                        __m256i even = _mm256_loadu_si256((const __m256i *)(xb + m * K + 2 * j));       \
-                        __m256i odd = _mm256_loadu_si256((const __m256i *)(xb + m * K + 2 * j + 32));   \
-                        for (int r = 0; r < R; r++)                                                     \
-                            sum[r][m] = _mm256_add_epi16(sum[r][m], _mm256_add_epi16(                   \
-                                _mm256_maddubs_epi16(hi[r], even), _mm256_maddubs_epi16(lo[r], odd)));  \
+                        scale[r][m] = s * load_f32(xscale + m * P + g0);                                \
+                        acc[r][m] += (z - 8 * s) * load_f32(xsum + m * P + g0);                         \
                     }                                                                                   \
                 }                                                                                       \
-                for (int r = 0; r < R; r++) {                                                           \
-                    v8f scale, zero;                                                                    \
-                    scale_pair(so, (row[r] * groups + b * B / G) * 2, sbf16, &scale, &zero);            \
-                    if (G < B) { /* two groups: the second's pair in lanes 4-7 */                        \
-                        v8f scale2, zero2;                                                              \
-                        scale_pair(so, (row[r] * groups + b * B / G + 1) * 2, sbf16, &scale2, &zero2);  \
-                        scale = __builtin_shufflevector(scale, scale2, 0, 1, 2, 3, 12, 13, 14, 15);     \
-                        zero = __builtin_shufflevector(zero, zero2, 0, 1, 2, 3, 12, 13, 14, 15);        \
+                __m256i lanes = first;                                                                  \
+                for (int64_t u = g0 * G; u < (g0 + count) * G; u += U, lanes = _mm256_add_epi32(lanes, step)) { \
+                    __m256i sum[R][M];                                                                  \
+                    for (int r = 0; r < R; r++)                                                         \
+                        for (int m = 0; m < M; m++) sum[r][m] = _mm256_setzero_si256();                 \
+                    for (int64_t c = u; c < u + U; c += 64) {                                           \
+                        __m256i hi[R], lo[R];                                                           \
+                        for (int r = 0; r < R; r++) {                                                   \
+                            const uint8_t *wr = w + row[r] * ldw + c / 2;                               \
+                            if (c % 128 == 0) /* a cache line of each stream, R * S rows ahead */       \
+                                __builtin_prefetch(wr + R * S * ldw, 0, 0);                             \
+                            __m256i bytes = _mm256_loadu_si256((const __m256i *)wr);                    \
+                            hi[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);              \
+                            lo[r] = _mm256_and_si256(bytes, nibble);                                    \
+                        }                                                                               \
+                        for (int m = 0; m < M; m++) {                                                   \
+                            __m256i even = _mm256_loadu_si256((const __m256i *)(x + m * K + c));        \
+                            __m256i odd = _mm256_loadu_si256((const __m256i *)(x + m * K + c + 32));    \
+                            for (int r = 0; r < R; r++)                                                 \
+                                sum[r][m] = _mm256_add_epi16(sum[r][m], _mm256_add_epi16(               \
+                                    _mm256_maddubs_epi16(hi[r], even), _mm256_maddubs_epi16(lo[r], odd))); \
+                        }                                                                               \
                     }                                                                                   \
-                    v8f offset = zero - 8 * scale;                                                      \
-                    for (int m = 0; m < M; m++) { /* two FMAs */                                        \
-                        v8f sums = to_float(_mm256_madd_epi16(sum[r][m], ones));                        \
-                        acc[r][m] += sums * (scale * xscale[m * blocks + b]);                           \
-                        acc[r][m] += offset * xsum[m * blocks + b];                                     \
-                    }                                                                                   \
+                    for (int r = 0; r < R; r++)                                                         \
+                        for (int m = 0; m < M; m++)                                                     \
+                            acc[r][m] += to_float(_mm256_madd_epi16(sum[r][m], ones)) *                 \
+                                         (v8f)_mm256_permutevar8x32_ps((__m256)scale[r][m], lanes);     \
                 }                                                                                       \
             }                                                                                           \
             for (int r = 0; r < rows; r++)                                                              \
@@ -453,9 +463,9 @@ INT4_KERNEL(2, 2)
 INT4_KERNEL(3, 1)
 INT4_KERNEL(4, 1)
 
-static void (*const INT4_ROWS[])(const int8_t *, const v8f *, const v8f *, int64_t, int64_t, const uint8_t *, int64_t,
-                                 const void *, int, float *, int64_t, int64_t, int64_t) = {0, int4_rows1, int4_rows2,
-                                                                                           int4_rows3, int4_rows4};
+static void (*const INT4_ROWS[])(const int8_t *, const float *, const float *, int64_t, int64_t, const uint8_t *,
+                                 int64_t, const void *, int, float *, int64_t, int64_t, int64_t) = {
+    0, int4_rows1, int4_rows2, int4_rows3, int4_rows4};
 
 static inline void store_row(const float *src, int64_t n, float scale, int bf16, void *dst) {
     if (bf16)
@@ -511,30 +521,39 @@ static void int8_activations(const void *x, int64_t m, int64_t K, int bf16, floa
     round_to_int16(row, K, 1 / x_scale[m], xq + m * K);
 }
 
-/* int4: row m of x as 8-bit integers, one scale per block of B columns, reordered to match the
- * nibbles: within each 64 columns the 32 even ones and then the 32 odd ones, so that the high and
- * the low nibbles of 32 bytes of weight meet their columns in order; and each group's sum. */
+/* int4: row m of x as 8-bit integers, one scale per group or per 64 columns if larger, reordered
+ * to match the nibbles: within each 64 columns the 32 even ones and then the 32 odd ones, so that
+ * the high and the low nibbles of 32 bytes of weight meet their columns in order; each group's
+ * scale and sum (xscale, xsum: P floats for row m, zeros after the last group). */
 static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int64_t G, float *row, int8_t *xq,
-                             v8f *xscale, v8f *xsum) {
-    int64_t B = G < 64 ? 64 : G, blocks = K / B;
+                             float *xscale, float *xsum) {
+    int64_t U = G < 64 ? 64 : G, groups = K / G, P = (groups + 7) / 8 * 8;
     for (int64_t k = 0; k < K; k++) row[(k & ~(int64_t)63) + (k & 1) * 32 + (k & 63) / 2] = element_at(x, m * K + k, bf16);
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *block = row + b * B;
-        float amax = largest_magnitude(block, B), scale = amax > 0 ? amax / 127 : 1;
-        round_to_int8(block, B, 1 / scale, xq + m * K + b * B);
-        xscale[m * blocks + b] = (v8f){0} + scale;
+    for (int64_t g = groups; g < P; g++) xscale[m * P + g] = xsum[m * P + g] = 0;
+    for (int64_t u = 0; u < K / U; u++) {
+        const float *unit = row + u * U;
+        float amax = largest_magnitude(unit, U), scale = amax > 0 ? amax / 127 : 1;
+        const int8_t *q = xq + m * K + u * U;
+        round_to_int8(unit, U, 1 / scale, (int8_t *)q);
         /* The groups' sums of the rounded activations, so that the offsets multiply the same
          * activations as the nibbles (with the exact sums, the error of the rounding grows with
          * the nibbles' distance from the zero rather than with the weights: measured 4x). Sums of
          * whole groups do not depend on the order; at G = 32, each 64 columns' first group is its
          * 16 first even and 16 first odd columns. */
-        const int8_t *q = xq + m * K + b * B;
         int32_t first = 0, total = 0;
-        for (int64_t i = 0; i < B; i++) {
+        for (int64_t i = 0; i < U; i++) {
             total += q[i];
             first += (i & 31) < 16 ? q[i] : 0;
         }
-        xsum[m * blocks + b] = G < B ? (v8f){first * scale, 0, 0, 0, (total - first) * scale} : (v8f){total * scale};
+        int64_t g = u * U / G;
+        xscale[m * P + g] = scale;
+        if (G < U) {
+            xscale[m * P + g + 1] = scale;
+            xsum[m * P + g] = first * scale;
+            xsum[m * P + g + 1] = (total - first) * scale;
+        } else {
+            xsum[m * P + g] = total * scale;
+        }
     }
 }
 
@@ -543,13 +562,12 @@ static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int6
  * activation rows per pass over the weight. Returns 0, or -1 if out of memory. */
 int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *w, int64_t ldw, const void *scales,
                      int sbf16, int64_t group, int64_t N, void *y, int threads) {
-    int64_t blocks = group ? K / (group < 64 ? 64 : group) : 0;
-    size_t bytes = (size_t)(2 * M * blocks) * sizeof(v8f) + (size_t)(M * (K + N + 1)) * sizeof(float) +
-                   (size_t)(M * K) * sizeof(int16_t);
+    int64_t P = group ? (K / group + 7) / 8 * 8 : 0; /* int4's groups, in whole vectors */
+    size_t bytes = (size_t)(2 * M * P + M * (K + N + 1)) * sizeof(float) + (size_t)(M * K) * sizeof(int16_t);
     char *buffer = aligned_alloc(sizeof(v8f), (bytes + sizeof(v8f) - 1) / sizeof(v8f) * sizeof(v8f));
     if (!buffer) return -1;
-    v8f *xscale = (v8f *)buffer, *xsum = xscale + M * blocks;
-    float *x32 = (float *)(xsum + M * blocks), *y32 = x32 + M * K, *x_scale = y32 + M * N;
+    float *xscale = (float *)buffer, *xsum = xscale + M * P;
+    float *x32 = xsum + M * P, *y32 = x32 + M * K, *x_scale = y32 + M * N;
     void *xq = x_scale + M;
     for (int64_t m = 0; m < M; m++) {
         if (group) {
@@ -567,8 +585,8 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
             rows = M - m > 4 ? 4 : M - m;
             float *ym = y32 + m * N;
             if (group)
-                INT4_ROWS[rows]((const int8_t *)xq + m * K, xscale + m * blocks, xsum + m * blocks, K, group, w, ldw,
-                                scales, sbf16, ym, N, n0, n1);
+                INT4_ROWS[rows]((const int8_t *)xq + m * K, xscale + m * P, xsum + m * P, K, group, w, ldw, scales,
+                                sbf16, ym, N, n0, n1);
             else
                 INT8_ROWS[rows]((const int16_t *)xq + m * K, K, w, ldw, scales, sbf16, ym, N, n0, n1);
         }
