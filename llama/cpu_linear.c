@@ -521,7 +521,7 @@ static void int8_activations(const void *x, int64_t m, int64_t K, int bf16, floa
     round_to_int16(row, K, 1 / x_scale[m], xq + m * K);
 }
 
-/* int4: row m of x as 8-bit integers, one scale per group or per 64 columns if larger, reordered
+/* int4: row m of x as 8-bit integers, one scale per group (per 64 columns at G = 32), reordered
  * to match the nibbles: within each 64 columns the 32 even ones and then the 32 odd ones, so that
  * the high and the low nibbles of 32 bytes of weight meet their columns in order; each group's
  * scale and sum (xscale, xsum: P floats for row m, zeros after the last group). */
@@ -533,8 +533,8 @@ static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int6
     for (int64_t u = 0; u < K / U; u++) {
         const float *unit = row + u * U;
         float amax = largest_magnitude(unit, U), scale = amax > 0 ? amax / 127 : 1;
-        const int8_t *q = xq + m * K + u * U;
-        round_to_int8(unit, U, 1 / scale, (int8_t *)q);
+        int8_t *q = xq + m * K + u * U;
+        round_to_int8(unit, U, 1 / scale, q);
         /* The groups' sums of the rounded activations, so that the offsets multiply the same
          * activations as the nibbles (with the exact sums, the error of the rounding grows with
          * the nibbles' distance from the zero rather than with the weights: measured 4x). Sums of
@@ -570,12 +570,10 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
     float *x32 = xsum + M * P, *y32 = x32 + M * K, *x_scale = y32 + M * N;
     void *xq = x_scale + M;
     for (int64_t m = 0; m < M; m++) {
-        if (group) {
+        if (group)
             int4_activations(x, m, K, bf16, group, x32 + m * K, xq, xscale, xsum);
-            x_scale[m] = 1; /* in xscale */
-        } else {
+        else
             int8_activations(x, m, K, bf16, x32 + m * K, xq, x_scale);
-        }
     }
     int64_t work = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -591,7 +589,8 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
                 INT8_ROWS[rows]((const int16_t *)xq + m * K, K, w, ldw, scales, sbf16, ym, N, n0, n1);
         }
     }
-    for (int64_t m = 0; m < M; m++) store_row(y32 + m * N, N, x_scale[m], bf16, (char *)y + m * N * (bf16 ? 2 : 4));
+    for (int64_t m = 0; m < M; m++) /* int4's activation scales are in its sums already */
+        store_row(y32 + m * N, N, group ? 1 : x_scale[m], bf16, (char *)y + m * N * (bf16 ? 2 : 4));
     free(buffer);
     return 0;
 }

@@ -95,12 +95,16 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+# A decode step: (model, tokens, positions, temperature, top_p, uniform, sampling) -> (tokens, logprobs).
+DecodeStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 def _decode_and_sample(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor,
                        top_p: torch.Tensor, uniform: torch.Tensor, sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return sample_rows(model.decode(tokens, positions), temperature, top_p, uniform, sampling)
 
 
-def _compile_decode(device_type: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _compile_decode(device_type: str) -> DecodeStep:
     """A compiled decode step for one model with one cache size (_decode_step keeps one for each).
 
     Before each call dynamo checks its guards, that nothing it traced has changed: on the
@@ -116,8 +120,7 @@ def _compile_decode(device_type: str) -> Callable[..., tuple[torch.Tensor, torch
 
 # Models whose decode steps run compiled (see use_compiled_decode), with their compiled steps by
 # cache size.
-_COMPILED_DECODE: weakref.WeakKeyDictionary[Transformer, dict[int, Callable[..., tuple[torch.Tensor, torch.Tensor]]]] \
-    = weakref.WeakKeyDictionary()
+_COMPILED_DECODE: weakref.WeakKeyDictionary[Transformer, dict[int, DecodeStep]] = weakref.WeakKeyDictionary()
 
 
 def use_compiled_decode(model: Transformer) -> None:
@@ -129,7 +132,7 @@ def use_compiled_decode(model: Transformer) -> None:
     _COMPILED_DECODE.setdefault(model, {})
 
 
-def _decode_step(model: Transformer) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _decode_step(model: Transformer) -> DecodeStep:
     compiled = _COMPILED_DECODE.get(model)
     if compiled is None:
         return _decode_and_sample
