@@ -1,8 +1,10 @@
 """llama/cpu_linear.py: the float32 products from bf16 weights used on CPUs without native
 bf16, and the choice of when to use them."""
 
+import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +63,26 @@ def test_an_avx2_limit_means_no_native_bf16(env):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), **env}, check=True).stdout
     assert out.strip() == "False"
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif("[madvise]" not in _transparent_huge_pages(),
+                    reason="transparent huge pages are not given on request (madvise) on this kernel")
+def test_large_tensors_of_a_script_lie_on_huge_pages():
+    """Importing llama before any tensor exists (as the scripts do) puts torch's large CPU
+    allocations, the weights among them, on 2 MiB pages."""
+    code = ("import torch; from llama import model; t = torch.ones(64 << 20, dtype=torch.uint8); "
+            "print(open('/proc/self/smaps_rollup').read().split('AnonHugePages:')[1].split()[0])")
+    run = functools.partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            check=True)
+    assert int(run(env={"PYTHONPATH": str(REPO)}).stdout) >= 2048  # kB: at least one huge page
+    assert int(run(env={"PYTHONPATH": str(REPO), "THP_MEM_ALLOC_ENABLE": "0"}).stdout) == 0
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
