@@ -133,6 +133,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # One product in place of wq, wk and wv where llama.quantize.pack_for_device made it: their
+        # rows one after the other, so its output is q, k and v side by side.
+        self.wqkv: nn.Module | None = None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -140,9 +143,14 @@ class Attention(nn.Module):
         """With `rows`, x is whole sequences from position 0 (prefill), written to those cache
         rows; without, x is one token per cache row at `positions` (a decode step)."""
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         decoding = rows is None
         if self.kv_cache is not None:
@@ -163,9 +171,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
         self.w2 = nn.Linear(args.ffn_hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.ffn_hidden_dim, bias=False)
+        # One product in place of w1 and w3 where llama.quantize.pack_for_device made it.
+        self.w13: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

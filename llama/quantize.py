@@ -276,12 +276,46 @@ def local_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(x, module.scheme, module.local_out_features, module.weight, module.scales)
 
 
+# Column-parallel projections that read the same input, fused at load into one product (name:
+# its parts): one kernel call instead of three or two, over more rows (measured on the
+# llama3.2-1b shape, AVX2 EPYC: int4 products of a step 1.8-2.1 ms shorter, 4%).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+
+
+class FusedLinear(nn.Module):
+    """Quantized projections' local shards as one: their rows one after the other, in the
+    kernel's layout, so the output is theirs side by side (no collective: column-parallel)."""
+
+    def __init__(self, scheme: Scheme, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.out_features = sum(part.local_out_features for part in parts)
+
+        def joined(name: str) -> torch.Tensor:
+            return torch.cat([_local(getattr(part, name)) for part in parts])
+
+        zeros = joined("zeros") if scheme.name == "int4" else None
+        weight, scales = kernel_operands(scheme, joined("weight"), joined("scales"), zeros, parts[0].scales.dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.scheme, self.out_features, self.weight, self.scales)
+
+
 def pack_for_device(model: nn.Module) -> None:
     """After the stored shards are loaded: replace each quantized module's DTensors by its
-    kernel's operands (plain tensors). The model then serves inference only; reload from DCP
-    to change the TP degree."""
+    kernel's operands (plain tensors), fusing the projections of FUSED. The model then serves
+    inference only; reload from DCP to change the TP degree."""
+    for module in list(model.modules()):
+        for fused, names in FUSED.items():
+            parts = [getattr(module, name, None) for name in names]
+            if all(getattr(part, "scheme", None) and not part.packed for part in parts):
+                setattr(module, fused, FusedLinear(parts[0].scheme, parts))
+                for name in names:
+                    delattr(module, name)
     for module in model.modules():
-        if getattr(module, "scheme", None) is None or module.packed:
+        if getattr(module, "scheme", None) is None or isinstance(module, FusedLinear) or module.packed:
             continue
         zeros = _local(module.zeros) if module.scheme.name == "int4" else None
         dtype = module.scales.dtype

@@ -200,6 +200,9 @@ def test_random_quantized_model_and_its_roofline_bytes(scheme):
         with torch.inference_mode():
             logits = model.decode(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))
         assert logits.shape == (3, 256) and logits.isfinite().all() and logits.std() > 0
+        block = model.layers[0]  # the projections that share an input are one product
+        assert isinstance(block.attention.wqkv, quantize.FusedLinear) and not hasattr(block.attention, "wq")
+        assert block.feed_forward.w13.out_features == 2 * args.ffn_hidden_dim
         embedding = model.tok_embeddings.weight.to_local()
         cache = bench.kv_cache_bytes(args, 1, 3, args.max_seq_len, 2)
         read = bench.weight_bytes(model) - embedding.numel() * 2 + 3 * args.dim * 2 + cache
