@@ -312,8 +312,12 @@ def pack_for_device(model: nn.Module) -> None:
             parts = [getattr(module, name, None) for name in names]
             if all(getattr(part, "scheme", None) and not part.packed for part in parts):
                 setattr(module, fused, FusedLinear(parts[0].scheme, parts))
-                for name in names:
+                for name, part in zip(names, parts):
                     delattr(module, name)
+                    # Its tensors go now: the module itself waits for the cycle collector (its
+                    # forward refers to it), and would hold them all until then.
+                    for tensor, _ in list(part.named_parameters(recurse=False)):
+                        delattr(part, tensor)
     for module in model.modules():
         if getattr(module, "scheme", None) is None or isinstance(module, FusedLinear) or module.packed:
             continue
