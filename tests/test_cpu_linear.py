@@ -77,7 +77,7 @@ def _transparent_huge_pages() -> str:
 def test_large_tensors_of_a_script_lie_on_huge_pages():
     """Importing llama before any tensor exists (as the scripts do) puts torch's large CPU
     allocations, the weights among them, on 2 MiB pages."""
-    code = ("import torch; from llama import model; t = torch.ones(64 << 20, dtype=torch.uint8); "
+    code = ("import torch, llama; t = torch.ones(64 << 20, dtype=torch.uint8); "
             "print(open('/proc/self/smaps_rollup').read().split('AnonHugePages:')[1].split()[0])")
     run = functools.partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                             check=True)
