@@ -16,8 +16,9 @@ so every conversion world size writes the same bytes; a row-parallel rank reads 
 part of the row, and an int4 group never straddles ranks (check_tp_degree).
 
 At load time `pack_for_device` turns each rank's local shards into the operands of the kernel
-for the device in use. CPUs: llama.cpu_linear's kernels (cpu_linear.c), which take the stored
-values as they are, where a C compiler is found; else PyTorch's `_weight_int8pack_mm` and
+for the device in use, wq/wk/wv and w1/w3 fused into one product each. CPUs:
+llama.cpu_linear's kernels (cpu_linear.c), which take the stored values as they are, where a C
+compiler is found; else PyTorch's `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu` (its own packed layout). CUDA: `_weight_int4pack_mm` (another
 packed layout) for int4; int8 multiplies by the weight converted inside the step, which
 torch.compile fuses into the product (gpt-fast's approach).
@@ -283,25 +284,30 @@ def local_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
+def _packed(scheme: Scheme, parts: list[nn.Module]) -> tuple[nn.Parameter, nn.Parameter]:
+    """The kernel's (weight, scales) for the local shards of quantized modules, their rows one
+    after the other (one module: its own, uncopied)."""
+    def joined(name: str) -> torch.Tensor:
+        tensors = [_local(getattr(part, name)) for part in parts]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+    zeros = joined("zeros") if scheme.name == "int4" else None
+    weight, scales = kernel_operands(scheme, joined("weight"), joined("scales"), zeros, parts[0].scales.dtype)
+    return nn.Parameter(weight, requires_grad=False), nn.Parameter(scales, requires_grad=False)
+
+
 class FusedLinear(nn.Module):
     """Quantized projections' local shards as one: their rows one after the other, in the
     kernel's layout, so the output is theirs side by side (no collective: column-parallel)."""
 
     def __init__(self, scheme: Scheme, parts: list[nn.Module]) -> None:
         super().__init__()
-        self.scheme = scheme
-        self.out_features = sum(part.local_out_features for part in parts)
-
-        def joined(name: str) -> torch.Tensor:
-            return torch.cat([_local(getattr(part, name)) for part in parts])
-
-        zeros = joined("zeros") if scheme.name == "int4" else None
-        weight, scales = kernel_operands(scheme, joined("weight"), joined("scales"), zeros, parts[0].scales.dtype)
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.scheme, self.packed = scheme, True
+        self.local_out_features = sum(part.local_out_features for part in parts)
+        self.weight, self.scales = _packed(scheme, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.scheme, self.out_features, self.weight, self.scales)
+        return local_linear(self, x)
 
 
 def pack_for_device(model: nn.Module) -> None:
@@ -320,14 +326,10 @@ def pack_for_device(model: nn.Module) -> None:
                     for tensor, _ in list(part.named_parameters(recurse=False)):
                         delattr(part, tensor)
     for module in model.modules():
-        if getattr(module, "scheme", None) is None or isinstance(module, FusedLinear) or module.packed:
+        if getattr(module, "scheme", None) is None or module.packed:
             continue
-        zeros = _local(module.zeros) if module.scheme.name == "int4" else None
-        dtype = module.scales.dtype
-        weight, scales = kernel_operands(module.scheme, _local(module.weight), _local(module.scales), zeros, dtype)
-        module.weight = nn.Parameter(weight, requires_grad=False)
-        module.scales = nn.Parameter(scales, requires_grad=False)
-        if zeros is not None:
+        module.weight, module.scales = _packed(module.scheme, [module])
+        if module.scheme.name == "int4":
             del module.zeros
         module.packed = True
 

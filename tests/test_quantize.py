@@ -1,12 +1,14 @@
 """Weight-only int8/int4 quantization: the kernels against dequantize-then-F.linear, the stored
 checkpoint at every conversion world size and TP degree, the demo model's quality, bad input."""
 
+import gc
 import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -202,7 +204,7 @@ def test_random_quantized_model_and_its_roofline_bytes(scheme):
         assert logits.shape == (3, 256) and logits.isfinite().all() and logits.std() > 0
         block = model.layers[0]  # the projections that share an input are one product
         assert isinstance(block.attention.wqkv, quantize.FusedLinear) and not hasattr(block.attention, "wq")
-        assert block.feed_forward.w13.out_features == 2 * args.ffn_hidden_dim
+        assert block.feed_forward.w13.local_out_features == 2 * args.ffn_hidden_dim
         embedding = model.tok_embeddings.weight.to_local()
         cache = bench.kv_cache_bytes(args, 1, 3, args.max_seq_len, 2)
         read = bench.weight_bytes(model) - embedding.numel() * 2 + 3 * args.dim * 2 + cache
@@ -219,9 +221,6 @@ def test_fusing_frees_the_fused_parts_at_once():
     """pack_for_device fuses wq/wk/wv and w1/w3: their stored shards go as each fusion is made
     (the modules themselves wait for the cycle collector; their tensors must not, or a rank
     briefly holds those weights twice: +0.33 GB of int4 llama3.2-1b)."""
-    import gc
-    import weakref
-
     from llama.distributed import init_runtime
     from llama.parallel import build_sharded
 
