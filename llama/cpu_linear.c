@@ -257,12 +257,15 @@ int decode_attention(const void *q, int qbf16, const void *k, const void *v, int
         }
         for (int64_t t0 = 0; t0 < Lp; t0 += 8) {
             to_float_rows(v, base, t0, L, D, cbf16, rows);
-            for (int64_t g = 0; g < G; g++)
+            for (int64_t g = 0; g < G; g++) {
+                float weight[8]; /* local: the stores to acc below cannot change them */
+                memcpy(weight, scores + g * Lp + t0, sizeof weight);
                 for (int64_t d = 0; d < D; d += 8) {
                     v8f sum = load_f32(acc + g * D + d);
-                    for (int64_t t = 0; t < 8; t++) sum += scores[g * Lp + t0 + t] * load_f32(rows + t * D + d);
+                    for (int64_t t = 0; t < 8; t++) sum += weight[t] * load_f32(rows + t * D + d);
                     memcpy(acc + g * D + d, &sum, sizeof sum);
                 }
+            }
         }
         for (int64_t g = 0; g < G; g++)
             for (int64_t d = 0; d < D; d++) {
