@@ -215,22 +215,31 @@ def main() -> None:
         if args.compile:
             for model in models.values():
                 use_compiled_decode(model)
-        ceilings[dtype_name] = bench.measure_bandwidth_ceiling(largest.args, runtime.world_size, dtype, runtime.device)
-        log(f"{dtype_name}: bandwidth ceiling {ceilings[dtype_name]['ceiling_gb_per_s']:.1f} GB/s "
-            f"(read {ceilings[dtype_name]['read_gb_per_s']:.1f}, matvec {ceilings[dtype_name]['matvec_gb_per_s']:.1f})")
         hf_model = bench.build_hf_model(largest, runtime) if args.baseline else None
         memory.exclude(hf_model)
+        rounds, peaks, all_measured = [], [], []
         for config in configs:
             memory.reset()
             measured = {scheme: bench.Measurement(config) for scheme in models}
             for trial in range(args.trials):
+                # The ceiling is measured again before every round of trials (see median_ceiling).
+                rounds.append(bench.measure_bandwidth_ceiling(largest.args, runtime.world_size, dtype,
+                                                              runtime.device))
                 for scheme, model in models.items():
                     one = bench.run_config(model, config, args.warmup if trial == 0 else 0, 1, bool(args.baseline),
                                            hf_model, threads * runtime.world_size, args.seed, memory)
                     measured[scheme].trials += one.trials
                     measured[scheme].baseline_trials += one.baseline_trials
+            peaks.append(memory.read())
+            all_measured.append(measured)
+        ceilings[dtype_name] = ceiling = bench.median_ceiling(rounds)
+        log(f"{dtype_name}: bandwidth ceiling {ceiling['ceiling_gb_per_s']:.1f} GB/s, the median of {len(rounds)} "
+            f"measured between the rounds of trials ({min(ceiling['rounds_gb_per_s']):.1f}-"
+            f"{max(ceiling['rounds_gb_per_s']):.1f}; that one: read {ceiling['read_gb_per_s']:.1f}, "
+            f"matvec {ceiling['matvec_gb_per_s']:.1f})")
+        for config, measured, peak in zip(configs, all_measured, peaks):
             for scheme, model in models.items():
-                result = bench.summarize(measured[scheme], model, dtype_name, ceilings[dtype_name], memory)
+                result = bench.summarize(measured[scheme], model, dtype_name, ceiling, peak)
                 result["quantize"] = scheme.describe() if scheme else None
                 results.append(result)
                 log(f"  {result['quantize'] or dtype_name}: batch {config.batch_size} prompt {config.prompt_len} "

@@ -191,6 +191,15 @@ def measure_bandwidth_ceiling(args: ModelArgs, tp: int, dtype: torch.dtype, devi
             "ceiling_gb_per_s": nbytes / min(read, matvec) / 1e9, "bytes_streamed": nbytes}
 
 
+def median_ceiling(rounds: list[dict[str, float]]) -> dict[str, object]:
+    """Of ceilings measured through a run (one before each round of trials), the measurement of
+    median rate, with every round's rate (rounds_gb_per_s). On a shared machine the rate moves
+    by ±20% from minute to minute; one measurement at the start put some runs' decode at 115-147%
+    of it, while decode figures are medians over the run."""
+    ordered = sorted(rounds, key=lambda r: r["ceiling_gb_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_gb_per_s": [r["ceiling_gb_per_s"] for r in rounds]}
+
+
 # ---------------------------------------------------------------------------------------
 # Models
 
@@ -396,8 +405,9 @@ def _time_baseline(hf_model: torch.nn.Module | None, prompts: list[list[int]], g
 
 
 def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: dict[str, float],
-              memory: PeakMemory) -> dict[str, object]:
-    """Every figure of one configuration (collective: all ranks call it)."""
+              peak: dict[str, int]) -> dict[str, object]:
+    """Every figure of one configuration, `peak` this rank's PeakMemory reading for its trials
+    (collective: all ranks call it)."""
     config, tp = measured.config, dist.get_world_size()
     element_size = model.tok_embeddings.weight.element_size()  # the activations' (output may be quantized)
     # Decode attention reads the whole static cache under a mask, except llama.cpu_linear's on
@@ -408,7 +418,7 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
     bytes_per_step = tp * decode_bytes_per_step(model.args, tp, config.batch_size, attended, element_size)
     ours = trial_metrics(measured.trials, config.batch_size, config.prompt_len)
     step_s = 1 / ours["decode_tokens_per_s_per_seq"]["median"]
-    peaks = gather_per_rank(memory.read())
+    peaks = gather_per_rank(peak)
     result = {
         "dtype": dtype, "batch_size": config.batch_size, "prompt_len": config.prompt_len, "gen_len": config.gen_len,
         **ours,

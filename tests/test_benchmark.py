@@ -72,6 +72,13 @@ def test_decode_bytes_match_the_model():
     assert halved == (params - embedding.numel() * 2 - norms) // 2 + norms + 3 * args.dim + cache // 2
 
 
+def test_median_ceiling_is_the_measurement_of_median_rate():
+    rounds = [{"read_gb_per_s": r, "matvec_gb_per_s": m, "ceiling_gb_per_s": max(r, m)}
+              for r, m in ((9, 12), (20, 18), (15, 14), (3, 4))]
+    assert bench.median_ceiling(rounds) == {**rounds[0], "rounds_gb_per_s": [12, 20, 15, 4]}
+    assert bench.median_ceiling(rounds[1:]) == {**rounds[2], "rounds_gb_per_s": [20, 15, 4]}
+
+
 def test_roofline():
     r = bench.roofline(bytes_per_step=2e9, step_s=0.1, ceiling_bytes_per_s=40e9)
     assert r == pytest.approx({"achieved_gb_per_s": 20.0, "ceiling_gb_per_s": 40.0, "fraction_of_ceiling": 0.5})
@@ -172,6 +179,8 @@ def test_benchmark_tp2_reports_every_figure(tmp_path, tiny_checkpoint):
     assert config["trials"] == 2 and config["warmup"] == 1
     for dtype, ceiling in report["bandwidth_ceiling"].items():
         assert ceiling["ceiling_gb_per_s"] == max(ceiling["read_gb_per_s"], ceiling["matvec_gb_per_s"]) > 0
+        rounds = ceiling["rounds_gb_per_s"]  # one before each round of trials: 2 batch sizes x 2 trials
+        assert len(rounds) == 4 and ceiling["ceiling_gb_per_s"] == sorted(rounds)[1]
 
     results = report["results"]
     assert [(r["dtype"], r["batch_size"]) for r in results] == \
