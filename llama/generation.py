@@ -72,6 +72,19 @@ def check_prompt(tokens: list[int], max_seq_len: int, what: str = "prompt") -> N
                         "or raise --max_seq_len")
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token, the first of equals (as argmax). Compiled, the first index
+    that holds the row's maximum: inductor's CPU argmax over a 128k vocabulary took 0.58 ms a
+    row, these two reductions 0.12 (AVX2 EPYC, 2 threads), where eager argmax is no slower than
+    they are. A row with a NaN gets the last token."""
+    if not torch.compiler.is_compiling():
+        return logits.argmax(dim=-1)
+    vocab = logits.shape[-1]
+    top = logits.amax(dim=-1, keepdim=True)
+    first = torch.where(logits == top, torch.arange(vocab, device=logits.device), vocab).amin(dim=-1)
+    return first.clamp(max=vocab - 1)
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
                 sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's next token and its log-probability (before temperature). logits (rows, vocab).
@@ -81,7 +94,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     them exceeds top_p) by inverting its cumulative sum at the row's `uniform` draw in [0, 1).
     With sampling=False every row is greedy and the sort is skipped."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy_tokens(logits)
     if sampling:
         probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)

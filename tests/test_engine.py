@@ -7,7 +7,7 @@ import torch
 from helpers import LLAMA3_TINY, random_weights
 from llama.args import ModelArgs
 from llama.generation import (_COMPILED_DECODE, FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, Request,
-                              SamplingParams, generate, use_compiled_decode)
+                              SamplingParams, generate, greedy_tokens, use_compiled_decode)
 from llama.model import Transformer
 from llama.serving import warm_up
 
@@ -128,3 +128,13 @@ def test_compiled_steps_keep_to_their_model_and_cache_size(model):
             assert [c.tokens for c in generate(m, batch[:n], 5, frozenset(), temperature=0.0)] == eager[name, n]
     finally:
         _COMPILED_DECODE.pop(model)  # the module's other tests run it eager
+
+
+def test_compiled_greedy_tokens_are_argmax_first_of_equals():
+    """The compiled form (first index holding the maximum) picks what argmax picks, ties included."""
+    logits = torch.randn(3, 1000).to(torch.bfloat16)
+    logits[1, [5, 700]] = 9  # a tie: the first wins
+    logits[2] = 0  # all equal: token 0
+    expected = logits.argmax(dim=-1)
+    assert expected[1:].tolist() == [5, 0]
+    assert torch.equal(torch.compile(greedy_tokens, fullgraph=True, dynamic=False)(logits), expected)
