@@ -421,9 +421,10 @@ static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64
  * unit picks its own from them with one permutation; the offsets of 8 groups meet the
  * activations' group sums in one FMA, in an accumulator of their own. The weight rows and the
  * activations are walked by pointer, 128 columns (a cache line of each row) a step where U allows:
- * against indexing every 64 columns from the row's start, 11-15% more weights a second with the
- * weight in L2 (one thread, 1 or 2 activation rows); streaming from memory (2 threads), the same
- * for 1 row and 8-11% more for 2 (AMD EPYC, Zen 3, alternating in one process). */
+ * against indexing every 64 columns from the row's start, with the weight in L2 (one thread)
+ * 1 activation row computes -4% to +14% more weights a second (median of six runs +11%), 2 rows
+ * 11-21% more; streaming from memory (2 threads) 1 row the same, 2 rows 8-11% more (AMD EPYC,
+ * Zen 3, alternating in one process). */
 #define INT4_KERNEL(M, R)                                                                               \
     static void int4_rows##M(const int8_t *x, const float *xscale, const float *xsum, int64_t K, int64_t G,         \
                              const uint8_t *w, int64_t ldw, const void *so, int sbf16, float *y, int64_t ldy,       \
