@@ -461,7 +461,7 @@ static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64
                 for (int64_t u = count * G / U; u > 0; u--, lanes = _mm256_add_epi32(lanes, step)) {    \
                     __m256i sum[R][M], part[R][M];                                                      \
                     if (U == 64) { /* half a cache line of each row: prefetch on every other unit */    \
-                        if (((uintptr_t)wp[0] & 63) == 0)                                               \
+                        if ((xp - x) % 128 == 0)                                                        \
                             for (int r = 0; r < R; r++) __builtin_prefetch(wp[r] + ahead, 0, 0);       \
                         INT4_PRODUCTS64(M, R, wp, xp, K, sum);                                          \
                         for (int r = 0; r < R; r++) wp[r] += 32;                                        \
