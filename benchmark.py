@@ -217,7 +217,7 @@ def main() -> None:
                 use_compiled_decode(model)
         hf_model = bench.build_hf_model(largest, runtime) if args.baseline else None
         memory.exclude(hf_model)
-        rounds, peaks, all_measured = [], [], []
+        rounds, runs = [], []  # runs: (config, its measurements by scheme, this rank's peak memory)
         for config in configs:
             memory.reset()
             measured = {scheme: bench.Measurement(config) for scheme in models}
@@ -230,14 +230,13 @@ def main() -> None:
                                            hf_model, threads * runtime.world_size, args.seed, memory)
                     measured[scheme].trials += one.trials
                     measured[scheme].baseline_trials += one.baseline_trials
-            peaks.append(memory.read())
-            all_measured.append(measured)
+            runs.append((config, measured, memory.read()))
         ceilings[dtype_name] = ceiling = bench.median_ceiling(rounds)
         log(f"{dtype_name}: bandwidth ceiling {ceiling['ceiling_gb_per_s']:.1f} GB/s, the median of {len(rounds)} "
             f"measured between the rounds of trials ({min(ceiling['rounds_gb_per_s']):.1f}-"
             f"{max(ceiling['rounds_gb_per_s']):.1f}; that one: read {ceiling['read_gb_per_s']:.1f}, "
             f"matvec {ceiling['matvec_gb_per_s']:.1f})")
-        for config, measured, peak in zip(configs, all_measured, peaks):
+        for config, measured, peak in runs:
             for scheme, model in models.items():
                 result = bench.summarize(measured[scheme], model, dtype_name, ceiling, peak)
                 result["quantize"] = scheme.describe() if scheme else None
