@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama.errors import UserError
-from llama.quantize import check_scheme
 
 # Fields every Meta params.json has; the rest have defaults shared by all Llama releases.
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
@@ -34,8 +33,8 @@ class ModelArgs:
     max_seq_len: int = 2048
     max_batch_size: int = 4
     dtype: str = "bfloat16"
-    # Weight-only quantization of the stored linear weights (llama.quantize): None, "int8" or
-    # "int4", with int4's group size along the input dimension.
+    # How the stored linear weights are quantized, as llama.quantize names it (None: not at
+    # all); that module reads and checks these two fields.
     quantize: str | None = None
     group_size: int | None = None
 
@@ -85,7 +84,6 @@ class ModelArgs:
             raise UserError(f"{source}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.vocab_size <= 0:
             raise UserError(f"{source}: vocab_size must be positive, got {self.vocab_size}")
-        check_scheme(self.quantize, self.group_size, f'{source}: "quantize"', f'{source}: "group_size"')
 
     @classmethod
     def from_params_json(cls, path: Path, **overrides: object) -> ModelArgs:

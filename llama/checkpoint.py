@@ -267,6 +267,7 @@ def load_converted(ckpt_dir: Path, runtime: Runtime, dtype: torch.dtype, model_a
         raise UserError(f"--converted_ckpt_dir {ckpt_dir}: not found; create it with convert_checkpoints.py")
     args_path = Path(model_args) if model_args else ckpt_dir / ARGS_FILE
     args = ModelArgs.load(args_path)
+    quantize.check_args(args, str(args_path))
     if max_seq_len:
         args.max_seq_len = max_seq_len
     if max_batch_size:

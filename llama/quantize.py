@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +36,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from llama import cpu_linear
+from llama.args import ModelArgs
 from llama.errors import UserError
-
-if TYPE_CHECKING:
-    from llama.args import ModelArgs
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
@@ -68,6 +65,11 @@ class Scheme:
 
 def scheme_of(args: ModelArgs) -> Scheme | None:
     return Scheme(args.quantize, args.group_size) if args.quantize else None
+
+
+def check_args(args: ModelArgs, source: str) -> None:
+    """Reject a model_args.json whose "quantize" and "group_size" name no scheme of ours."""
+    check_scheme(args.quantize, args.group_size, f'{source}: "quantize"', f'{source}: "group_size"')
 
 
 def check_scheme(quantize: str | None, group_size: int | None, scheme_label: str = "--quantize",
