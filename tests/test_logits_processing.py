@@ -1,0 +1,134 @@
+"""The logits transforms (penalties, bias, bitmask) against their definitions, and the
+grammar engine's masks on Llama 3's real vocabulary."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from helpers import llama3_tokenizer_path
+from llama.logits_processing import LogitsParams, LogitsProcessor, penalize, process_logits, unpack_bitmask
+from llama.structured import GrammarError, Matcher, json_schema_grammar, regex_grammar
+from llama.tokenizer import Tokenizer
+
+VOCAB = 70  # not a multiple of 32: the bitmask's last word is partial
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer() -> Tokenizer:
+    return Tokenizer(llama3_tokenizer_path())
+
+
+def test_frequency_and_presence_penalties_follow_openai_definition():
+    logits = torch.randn(2, VOCAB)
+    counts = torch.zeros(2, VOCAB)
+    counts[0, 3], counts[0, 5], counts[1, 7] = 2, 1, 4
+    penalties = torch.tensor([[0.5, 0.25, 1.0], [0.0, 1.5, 1.0]])  # presence, frequency, repetition
+    out = penalize(logits, counts, counts > 0, penalties)
+    # mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
+    expected = logits - counts * penalties[:, 1:2] - (counts > 0).float() * penalties[:, 0:1]
+    assert torch.equal(out, expected)
+    assert out[0, 3] == logits[0, 3] - 2 * 0.25 - 0.5 and out[1, 7] == logits[1, 7] - 4 * 1.5
+    # The distribution moves by exactly that: unpenalized tokens keep their ratios, a token
+    # generated twice loses exp(2 * 0.25 + 0.5) against them.
+    p, q = logits.softmax(-1), out.softmax(-1)
+    assert torch.allclose(q[0, 3] / q[0, 0], p[0, 3] / p[0, 0] * torch.exp(torch.tensor(-1.0)), rtol=1e-5)
+    assert torch.allclose(q[0, 1] / q[0, 0], p[0, 1] / p[0, 0], rtol=1e-5)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = penalize(logits, torch.zeros(1, 4), seen, torch.tensor([[0.0, 0.0, 2.0]]))
+    assert out.tolist() == [[1.0, -4.0, 2.0, -2.0]]
+
+
+def test_defaults_are_the_identity_exactly():
+    processor = LogitsProcessor(slots=3, vocab=VOCAB, device=torch.device("cpu"))
+    processor.admit(1, [4, 5, 6], frozenset({2}), LogitsParams(frequency_penalty=1.0, logit_bias=((9, -3.0),)))
+    logits = torch.randn(3, VOCAB) * 10
+    out = process_logits(logits, processor.inputs(slice(0, 3)))
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    assert out[1, 9] == logits[1, 9] - 3.0 and torch.equal(out[1, 4:7], logits[1, 4:7])  # prompt: no frequency
+
+
+def test_penalties_count_what_the_slot_generated():
+    processor = LogitsProcessor(slots=2, vocab=VOCAB, device=torch.device("cpu"))
+    processor.admit(0, [1], frozenset(), LogitsParams(presence_penalty=1.0, frequency_penalty=0.5))
+    processor.accept({0: 8, 1: 9})
+    processor.accept({0: 8})
+    logits = torch.zeros(2, VOCAB)
+    out = process_logits(logits, processor.inputs(slice(0, 2)))
+    assert out[0, 8] == -(1.0 + 2 * 0.5) and out[0].count_nonzero() == 1 and not out[1].any()
+    processor.admit(0, [1], frozenset(), LogitsParams(frequency_penalty=0.5))  # a new request: counts cleared
+    assert not process_logits(logits, processor.inputs(slice(0, 2))).any()
+
+
+def test_bitmask_unpacks_every_bit_including_the_sign_bit():
+    allowed = torch.zeros(2, VOCAB, dtype=torch.bool)
+    allowed[0, [0, 31, 32, 63, 69]] = True
+    allowed[1] = True
+    words = torch.zeros(2, 3, dtype=torch.int64)
+    for row, token in allowed.nonzero().tolist():
+        words[row, token // 32] |= 1 << (token % 32)
+    bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    assert torch.equal(unpack_bitmask(bitmask, VOCAB), allowed)
+
+
+def test_min_tokens_masks_stop_ids_until_reached():
+    processor = LogitsProcessor(slots=1, vocab=VOCAB, device=torch.device("cpu"))
+    processor.admit(0, [1], frozenset({2, 63}), LogitsParams(min_tokens=2))
+    for _ in range(2):
+        out = process_logits(torch.zeros(1, VOCAB), processor.inputs(slice(0, 1)))
+        assert out[0, 2] == out[0, 63] == float("-inf") and out[0].isfinite().sum() == VOCAB - 2
+        processor.accept({0: 5})
+    assert process_logits(torch.zeros(1, VOCAB), processor.inputs(slice(0, 1))).isfinite().all()
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "kind": {"enum": ["cat", "dog"]},
+                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}},
+          "required": ["name", "age", "kind", "tags"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_sampling_under_the_mask_gives_compact_schema_valid_json(llama3_tokenizer, seed):
+    """Whatever the logits, the grammar's mask admits only schema-valid compact JSON, which ends."""
+    tok = llama3_tokenizer
+    processor = LogitsProcessor(slots=1, vocab=tok.n_words, device=torch.device("cpu"), tokenizer=tok)
+    processor.admit(0, [1], frozenset({tok.eos_id}), LogitsParams(grammar=json_schema_grammar(SCHEMA)))
+    g = torch.Generator().manual_seed(seed)
+    tokens = []
+    for _ in range(200):
+        logits = process_logits(torch.randn(1, tok.n_words, generator=g) * 3, processor.inputs(slice(0, 1)))
+        token = int(torch.multinomial(logits.softmax(-1), 1, generator=g))
+        tokens.append(token)
+        if processor.accept({0: token}):
+            break
+    else:
+        pytest.fail(f"the grammar did not end: {tok.decode(tokens)!r}")
+    text = tok.decode(tokens)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+
+
+def test_unsupported_schema_feature_is_named():
+    with pytest.raises(GrammarError, match="not"):
+        json_schema_grammar({"type": "object", "properties": {"a": {"not": {"type": "string"}}}})
+    with pytest.raises(GrammarError, match="strin"):
+        json_schema_grammar({"type": "strin"})
+    with pytest.raises(GrammarError, match="look-around"):
+        regex_grammar("(?=a)b")
+
+
+def test_sentencepiece_vocabulary(small_sp_tokenizer):
+    tok = Tokenizer(small_sp_tokenizer)
+    matcher = Matcher(tok, regex_grammar("Four score"))
+    bitmask = torch.zeros(1, (tok.n_words + 31) // 32, dtype=torch.int32)
+    matcher.fill_bitmask(bitmask, 0)
+    allowed = unpack_bitmask(bitmask, tok.n_words)[0].nonzero().flatten().tolist()
+    assert allowed and all("Four score".startswith(tok._sp.id_to_piece(t).replace("\u2581", " ")) for t in allowed)
