@@ -8,7 +8,9 @@ prompt ends with an open assistant header for the model to complete.
 
 from __future__ import annotations
 
+import datetime
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypedDict
 
@@ -165,15 +167,130 @@ def _encode_llama2(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     return tokens + tokenizer.encode(f"{LLAMA2_B_INST} {dialog[-1]['content'].strip()} {LLAMA2_E_INST}", bos=True)
 
 
+def _llama3_header(tokenizer: Tokenizer, role: str) -> list[int]:
+    special = tokenizer.special_tokens
+    return [special["<|start_header_id|>"], *tokenizer.encode(role, bos=False), special["<|end_header_id|>"],
+            *tokenizer.encode("\n\n", bos=False)]
+
+
 def _encode_llama3(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     special = tokenizer.special_tokens
-
-    def header(role: str) -> list[int]:
-        return [special["<|start_header_id|>"], *tokenizer.encode(role, bos=False), special["<|end_header_id|>"],
-                *tokenizer.encode("\n\n", bos=False)]
-
     tokens = [special["<|begin_of_text|>"]]
     for message in dialog:
-        tokens += header(message["role"]) + tokenizer.encode(message["content"].strip(), bos=False)
+        tokens += _llama3_header(tokenizer, message["role"]) + tokenizer.encode(message["content"].strip(), bos=False)
         tokens.append(special["<|eot_id|>"])
-    return tokens + header("assistant")
+    return tokens + _llama3_header(tokenizer, "assistant")
+
+
+# ---------------------------------------------------------------------------------------
+# Tool calls, in Llama 3.1's JSON-based format (also Llama 3.2 and 3.3 text models): the
+# system message opens with "Environment: ipython" and the dates, the functions come as a
+# user message before the conversation, the model answers with <|python_tag|>, a JSON object
+# {"type": "function", "name", "parameters"} and <|eom_id|>, and a tool's result comes back
+# in an "ipython" message.
+
+TOOL_KNOWLEDGE_CUTOFF = "December 2023"
+TOOLS_INTRO = ("Answer the user's question by making use of the following functions if needed.\n"
+               "If none of the function can be used, please say so.\n"
+               "Here is a list of functions in JSON format:\n")
+TOOLS_OUTRO = "\n\nReturn function calls in JSON format."
+PYTHON_TAG = "<|python_tag|>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict
+
+
+def tools_system_text(system: str | None, today: datetime.date) -> str:
+    """The system message of a dialog that offers tools."""
+    text = (f"Environment: ipython\n\nCutting Knowledge Date: {TOOL_KNOWLEDGE_CUTOFF}\n"
+            f"Today Date: {today.day} {today:%B %Y}\n\n")
+    return text + (system.strip() + "\n" if system and system.strip() else "")
+
+
+def tools_user_text(tools: list[dict]) -> str:
+    """The user message listing the functions (OpenAI's tool objects, indented as Meta shows them)."""
+    return TOOLS_INTRO + "\n\n".join(json.dumps(tool, indent=4) for tool in tools) + TOOLS_OUTRO
+
+
+def tool_call_text(call: ToolCall) -> str:
+    """An assistant's tool call as the model writes it (without <|python_tag|> and <|eom_id|>)."""
+    return json.dumps({"type": "function", "name": call.name, "parameters": call.arguments})
+
+
+def tool_call_schema(tool: dict) -> dict:
+    """The JSON schema of the model's call of one function, for constrained decoding."""
+    function = tool["function"]
+    return {"type": "object",
+            "properties": {"type": {"const": "function"}, "name": {"const": function["name"]},
+                           "parameters": function.get("parameters") or {"type": "object"}},
+            "required": ["type", "name", "parameters"], "additionalProperties": False}
+
+
+def parse_tool_call(text: str, names: set[str]) -> ToolCall | None:
+    """The tool call a completion holds, or None when it is an ordinary answer: a JSON object
+    naming one of `names`, with its "parameters" (or "arguments"), after an optional <|python_tag|>."""
+    body = text.strip().removeprefix(PYTHON_TAG).strip()
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or call.get("name") not in names:
+        return None
+    arguments = call.get("parameters", call.get("arguments", {}))
+    return ToolCall(call["name"], arguments) if isinstance(arguments, dict) else None
+
+
+def tool_dialog_problem(dialog: list[dict]) -> str | None:
+    """What is wrong with a dialog that may hold tool calls and results: an optional system
+    message, then user turns, each answered by assistant messages; an assistant tool call is
+    followed by its results ("tool" messages) and the assistant's next message."""
+    turns = dialog[1:] if dialog and dialog[0]["role"] == "system" else dialog
+    offset = len(dialog) - len(turns)
+    previous = None
+    for j, message in enumerate(turns):
+        role, where = message["role"], f"message {j + offset}"
+        if role == "system":
+            return f"{where}: only the first message may be 'system'"
+        if role == "tool" and not (previous == "assistant_call" or previous == "tool"):
+            return f"{where}: a 'tool' message must follow an assistant message with tool_calls"
+        if previous == "assistant_call" and role != "tool":
+            return f"{where}: an assistant message with tool_calls must be followed by the 'tool' results"
+        if role == "assistant" and previous in (None, "assistant"):
+            return f"{where}: an assistant message must answer a user or tool message"
+        if role != "tool" and not message.get("tool_calls") and not message["content"].strip():
+            return f"{where}: content must be non-empty text"
+        previous = "assistant_call" if message.get("tool_calls") else role
+    if previous not in ("user", "tool"):
+        return "the last message must be from the user or a tool: it is what the model answers"
+    return None
+
+
+def encode_tool_dialog(tokenizer: Tokenizer, dialog: list[dict], tools: list[dict] | None,
+                       today: datetime.date) -> list[int]:
+    """A Llama 3 prompt whose messages may hold tool calls ("tool_calls": [ToolCall]) and tool
+    results (role "tool", sent as "ipython"); `tools`, if any, are offered to the model."""
+    special = tokenizer.special_tokens
+
+    def message(role: str, text: str, end: str = "<|eot_id|>", tag: bool = False) -> list[int]:
+        tag_ids = [special[PYTHON_TAG]] if tag else []
+        return [*_llama3_header(tokenizer, role), *tag_ids, *tokenizer.encode(text, bos=False),
+                special[end]]
+
+    system = dialog[0]["content"] if dialog and dialog[0]["role"] == "system" else None
+    turns = dialog[1:] if system is not None else dialog
+    tokens = [special["<|begin_of_text|>"]]
+    if tools:
+        tokens += message("system", tools_system_text(system, today)) + message("user", tools_user_text(tools))
+    elif system is not None:
+        tokens += message("system", system.strip())
+    for m in turns:
+        if m.get("tool_calls"):
+            # One call per message in Meta's format; several are joined as vLLM's parser reads them.
+            calls = "; ".join(tool_call_text(call) for call in m["tool_calls"])
+            tokens += message("assistant", calls, end="<|eom_id|>", tag=True)
+        else:
+            tokens += message("ipython" if m["role"] == "tool" else m["role"], m["content"].strip())
+    return tokens + _llama3_header(tokenizer, "assistant")
