@@ -292,8 +292,7 @@ int decode_attention(const void *q, int qbf16, const void *k, const void *v, int
  * - int8: activations as 16-bit integers with one scale for the row (|x| / max |x| * 32767: a
  *   rounding error below 2e-5 of the row's largest value, where bf16 activations themselves
  *   carry 4e-3), weights widened to 16 bits, vpmaddwd: 3 instructions per 16 weights.
- * - int4: activations as 8-bit integers with one scale per group (per 64 columns at group size
- *   32; the scheme of llama.cpp's Q4_0 x Q8_0 products and torchao's int8-activation int4
+ * - int4: activations as 8-bit integers with one scale per group (the scheme of llama.cpp's Q4_0 x Q8_0 products and torchao's int8-activation int4
  *   weights), vpmaddubsw on the nibbles: 7 instructions per 64 weights, where 16-bit activations
  *   took 14; and the float work of 8 groups at once (a group's scale is one permutation, the
  *   offsets one FMA per 8 groups), where each group took 9 instructions. The rounding of the
@@ -411,7 +410,7 @@ static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64
         }                                                                                               \
     } while (0)
 
-/* int4 takes its activations as int8, one scale per group, or per 64 columns at G = 32 (xq: M x K,
+/* int4 takes its activations as int8, one scale per group (xq: M x K,
  * reordered as below; xscale, xsum: M x P floats, P = groups rounded up to a multiple of 8, zeros
  * after the last group), so that vpmaddubsw multiplies 32 unsigned nibbles by 32 signed bytes in
  * one instruction. A unit of U = max(G, 64) columns keeps its integer sums in 16 bits (at most
@@ -557,39 +556,41 @@ static void int8_activations(const void *x, int64_t m, int64_t K, int bf16, floa
     round_to_int16(row, K, 1 / x_scale[m], xq + m * K);
 }
 
-/* int4: row m of x as 8-bit integers, one scale per group (per 64 columns at G = 32), reordered
- * to match the nibbles: within each 64 columns the 32 even ones and then the 32 odd ones, so that
- * the high and the low nibbles of 32 bytes of weight meet their columns in order; each group's
- * scale and sum (xscale, xsum: P floats for row m, zeros after the last group). */
+/* int4: row m of x as 8-bit integers, one scale per group of G columns (so that a row split
+ * between ranks in whole groups rounds each column as the whole row does: results do not depend
+ * on the TP degree), reordered to match the nibbles: within each 64 columns the 32 even ones and
+ * then the 32 odd ones, so that the high and the low nibbles of 32 bytes of weight meet their
+ * columns in order; each group's scale and sum (xscale, xsum: P floats for row m, zeros after the
+ * last group). llama/cpu_linear.py's round_int4_activations is the same rounding in torch. */
 static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int64_t G, float *row, int8_t *xq,
                              float *xscale, float *xsum) {
-    int64_t U = G < 64 ? 64 : G, groups = K / G, P = (groups + 7) / 8 * 8;
-    for (int64_t k = 0; k < K; k++) row[(k & ~(int64_t)63) + (k & 1) * 32 + (k & 63) / 2] = element_at(x, m * K + k, bf16);
+    int64_t groups = K / G, P = (groups + 7) / 8 * 8;
     for (int64_t g = groups; g < P; g++) xscale[m * P + g] = xsum[m * P + g] = 0;
-    for (int64_t u = 0; u < K / U; u++) {
-        const float *unit = row + u * U;
-        float amax = largest_magnitude(unit, U), scale = amax > 0 ? amax / 127 : 1;
-        int8_t *q = xq + m * K + u * U;
-        round_to_int8(unit, U, 1 / scale, q);
-        /* The groups' sums of the rounded activations, so that the offsets multiply the same
-         * activations as the nibbles (with the exact sums, the error of the rounding grows with
-         * the nibbles' distance from the zero rather than with the weights: measured 4x). Sums of
-         * whole groups do not depend on the order; at G = 32, each 64 columns' first group is its
-         * 16 first even and 16 first odd columns. */
-        int32_t first = 0, total = 0;
-        for (int64_t i = 0; i < U; i++) {
-            total += q[i];
-            first += (i & 31) < 16 ? q[i] : 0;
-        }
-        int64_t g = u * U / G;
+    for (int64_t g = 0; g < groups; g++) { /* each group scaled to [-127, 127], in the original order */
+        float *part = row + g * G;
+        for (int64_t k = 0; k < G; k++) part[k] = element_at(x, m * K + g * G + k, bf16);
+        float amax = largest_magnitude(part, G), scale = amax > 0 ? amax / 127 : 1, inverse = 1 / scale;
+        for (int64_t k = 0; k < G; k++) part[k] *= inverse;
         xscale[m * P + g] = scale;
-        if (G < U) {
-            xscale[m * P + g + 1] = scale;
-            xsum[m * P + g] = first * scale;
-            xsum[m * P + g + 1] = (total - first) * scale;
+    }
+    int8_t *q = xq + m * K;
+    float *reordered = row + K; /* the next row's space (quantized_linear keeps one to spare) */
+    for (int64_t k = 0; k < K; k++) reordered[(k & ~(int64_t)63) + (k & 1) * 32 + (k & 63) / 2] = row[k];
+    round_to_int8(reordered, K, 1, q);
+    /* The groups' sums of the rounded activations, so that the offsets multiply the same
+     * activations as the nibbles (with the exact sums, the error of the rounding grows with the
+     * nibbles' distance from the zero rather than with the weights: measured 4x). Sums of whole
+     * groups do not depend on the order; at G = 32, each 64 columns' first group is its 16 first
+     * even and 16 first odd columns. */
+    for (int64_t g = 0; g < groups; g++) {
+        int32_t total = 0;
+        if (G == 32) {
+            const int8_t *unit = q + g / 2 * 64 + g % 2 * 16;
+            for (int64_t i = 0; i < 16; i++) total += unit[i] + unit[32 + i];
         } else {
-            xsum[m * P + g] = total * scale;
+            for (int64_t i = 0; i < G; i++) total += q[g * G + i];
         }
+        xsum[m * P + g] = total * xscale[m * P + g];
     }
 }
 
@@ -599,11 +600,11 @@ static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int6
 int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *w, int64_t ldw, const void *scales,
                      int sbf16, int64_t group, int64_t N, void *y, int threads) {
     int64_t P = group ? (K / group + 7) / 8 * 8 : 0; /* int4's groups, in whole vectors */
-    size_t bytes = (size_t)(2 * M * P + M * (K + N + 1)) * sizeof(float) + (size_t)(M * K) * sizeof(int16_t);
+    size_t bytes = (size_t)(2 * M * P + M * (K + N + 1) + K) * sizeof(float) + (size_t)(M * K) * sizeof(int16_t);
     char *buffer = aligned_alloc(sizeof(v8f), (bytes + sizeof(v8f) - 1) / sizeof(v8f) * sizeof(v8f));
     if (!buffer) return -1;
     float *xscale = (float *)buffer, *xsum = xscale + M * P;
-    float *x32 = xsum + M * P, *y32 = x32 + M * K, *x_scale = y32 + M * N;
+    float *x32 = xsum + M * P, *y32 = x32 + (M + 1) * K, *x_scale = y32 + M * N; /* x32: a row to spare */
     void *xq = x_scale + M;
     for (int64_t m = 0; m < M; m++) {
         if (group)

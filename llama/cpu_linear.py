@@ -19,8 +19,8 @@ are rounded to the activations' dtype once, as torch's bf16 kernels round them.
 
 Weight-only int8 and int4 weights (llama.quantize) on x86 CPUs with AVX2, where cpu_linear.c
 builds: few rows through its quantized kernels, which read the stored layout as it is and
-multiply integers (int8 weights by the activations rounded to 16 bits, int4 by 8 bits per block
-of columns; torch's own CPU kernels for these are compute bound on AVX2 at 4-5 G weights/s a
+multiply integers (int8 weights by the activations rounded to 16 bits, int4 by 8 bits per group
+of columns, in every path; torch's own CPU kernels for these are compute bound on AVX2 at 4-5 G weights/s a
 core: no faster than streaming bf16); many rows as float32 GEMMs on dequantized blocks of rows,
 as above.
 
@@ -172,7 +172,8 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
         def fill(block: torch.Tensor, start: int, stop: int) -> None:
             lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size, k,
                                 start, stop, block.data_ptr(), threads)
-        y = _blocked_gemm(x.reshape(rows, k).to(torch.float32), n, k, fill)
+        x32 = x.reshape(rows, k).to(torch.float32)
+        y = _blocked_gemm(round_int4_activations(x32, group_size) if group_size else x32, n, k, fill)
         return y.to(x.dtype).view(*x.shape[:-1], n)
     compute = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
     compute = compute.contiguous()
@@ -182,6 +183,17 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
                             threads) != 0:
         raise MemoryError(f"{rows} x {k} float32 activations")
     return y if y.dtype == x.dtype else y.to(x.dtype)  # a no-op .to costs 2-3 us a call, 1% of a decode step
+
+
+def round_int4_activations(x32: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 rows (rows, k) as cpu_linear.c's int4 kernel takes them: each group of
+    `group_size` columns rounded to 8-bit integers times its own scale (its largest magnitude /
+    127), products rounded as the kernel rounds them. The kernel's GEMM fallbacks multiply these,
+    so every path, batch and TP degree gives a token the same result up to float sums."""
+    groups = x32.view(x32.shape[0], -1, group_size)
+    amax = groups.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, 1.0)
+    return (torch.round(groups * (1 / scale)) * scale).view_as(x32)
 
 
 @torch.compiler.assume_constant_result  # a constant to torch.compile

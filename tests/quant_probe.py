@@ -1,6 +1,6 @@
 """Run under torchrun: load each converted checkpoint given at TP = world size and save, from
 rank 0, what tests/test_quantize.py compares: the dequantized weights as DCP resharded them
-(before packing for the kernels), the greedy tokens of a few prompts, and optionally the
+(before packing for the kernels), the greedy tokens of a few prompts and their log-probabilities, and optionally the
 perplexity of the demo text.
 
     quant_probe.py OUT.pt DTYPE [--weights] [--perplexity] CKPT...
@@ -65,7 +65,8 @@ def main() -> None:
         if opts.perplexity:
             result["perplexity"] = perplexity(model, tokenizer)
         prompts = [tokenizer.encode(p, bos=True, eos=False) for p in DEMO_PROMPTS]
-        result["tokens"] = [c.tokens for c in generate(model, prompts, 12, frozenset(), temperature=0.0)]
+        completions = generate(model, prompts, 12, frozenset(), temperature=0.0)
+        result["tokens"], result["logprobs"] = [c.tokens for c in completions], [c.logprobs for c in completions]
         results[str(ckpt)] = result
     if runtime.is_main:
         torch.save(results, opts.out)
