@@ -191,29 +191,34 @@ def _token_source(token: str | None) -> str:
 
 
 def verify_files(snapshot: Path, folder: Path, hub_files: dict[str, RepoSibling] | None) -> None:
-    """Hash the checkpoint's files against the repo's md5 checklists (Llama 2) or, without
-    them, the checksums the Hub records (Llama 3.x); raise naming the first corrupt file."""
-    checklists = sorted(folder.glob("*checklist.chk"))
-    if checklists:
-        expected = {path: checksum for chk in checklists for path, checksum in read_checklist(chk).items()}
-    elif hub_files is not None:
-        checksums = {name: _hub_checksum(hub_files[name]) for name in _relative_files(snapshot) if name in hub_files}
-        for name, checksum in checksums.items():
-            if checksum is None:
+    """Hash every downloaded file against every checksum there is for it: the repo's md5
+    checklists (Llama 2) and the sha256 or git blob id the Hub records (when it can be reached);
+    raise naming the first corrupt file. Each file is read once, for all its checksums."""
+    expected: dict[Path, list[Checksum]] = {}
+    for chk in sorted(folder.glob("*checklist.chk")):
+        for path, checksum in read_checklist(chk).items():
+            expected.setdefault(path, []).append(checksum)
+    if hub_files is not None:
+        for name in _relative_files(snapshot):
+            checksum = _hub_checksum(hub_files[name]) if name in hub_files else None
+            if checksum is not None:
+                expected.setdefault(snapshot / name, []).append(checksum)
+            elif snapshot / name not in expected:
                 say(f"not verified: {name} (the Hub records no checksum for it)")
-        expected = {snapshot / name: checksum for name, checksum in checksums.items() if checksum is not None}
-    else:
+    elif not expected:
         say("not verified: there is no checklist.chk and the Hub's checksums need a connection")
         return
     if not expected:
         return
     with tqdm(total=sum(p.stat().st_size for p in expected), unit="B", unit_scale=True, desc="Verifying") as bar:
-        for path, checksum in expected.items():
-            actual = _digest(path, checksum.algorithm, bar)
-            if actual != checksum.digest.lower():
-                raise UserError(f"{path.relative_to(snapshot)} is corrupt: {checksum.algorithm} {actual} does not "
-                                f"match {checksum.digest} from {checksum.source}; run again with --force_download")
-    sources = sorted({c.source for c in expected.values()})
+        for path, checksums in expected.items():
+            actual = _digests(path, {c.algorithm for c in checksums}, bar)
+            for checksum in checksums:
+                if actual[checksum.algorithm] != checksum.digest.lower():
+                    raise UserError(f"{path.relative_to(snapshot)} is corrupt: {checksum.algorithm} "
+                                    f"{actual[checksum.algorithm]} does not match {checksum.digest} from "
+                                    f"{checksum.source}; run again with --force_download")
+    sources = sorted({c.source for checksums in expected.values() for c in checksums})
     say(f"verified {len(expected)} files against {', '.join(sources)}")
 
 
@@ -251,13 +256,17 @@ def _relative_files(snapshot: Path) -> Iterable[str]:
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
 
 
-def _digest(path: Path, algorithm: str, bar: tqdm) -> str:
-    if algorithm == "git-sha1":  # git hashes a "blob <size>\0" header before the content
-        hasher = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    else:
-        hasher = hashlib.new(algorithm)
+def _digests(path: Path, algorithms: set[str], bar: tqdm) -> dict[str, str]:
+    """The file's digest by each algorithm, from one read."""
+    hashers = {}
+    for algorithm in algorithms:
+        if algorithm == "git-sha1":  # git hashes a "blob <size>\0" header before the content
+            hashers[algorithm] = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+        else:
+            hashers[algorithm] = hashlib.new(algorithm)
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
-            hasher.update(chunk)
+            for hasher in hashers.values():
+                hasher.update(chunk)
             bar.update(len(chunk))
-    return hasher.hexdigest()
+    return {algorithm: hasher.hexdigest() for algorithm, hasher in hashers.items()}

@@ -134,7 +134,9 @@ def test_llama2_fetches_meta_files_verifies_and_then_works_from_the_cache(hub, t
     files = llama2_files()
     assert files_under(snapshot) == {name: files[name] for name in LLAMA2_META}
     assert "Fetching 8 files" in first.stderr and "Verifying" in first.stderr
-    assert "verified 4 files against checklist.chk, tokenizer_checklist.chk" in first.stderr
+    # every file against the Hub's checksums, and those the checklists list against them too
+    assert ("verified 8 files against checklist.chk, the Hub's git blob id, the Hub's sha256, "
+            "tokenizer_checklist.chk") in first.stderr
 
     hub.clear()
     cached = download(hub, tmp_path, "--model_name", "meta-llama/Llama-2-7b")
@@ -269,6 +271,17 @@ def test_a_checklist_that_is_not_md5_lines_is_an_error(hub, tmp_path):
     assert_fails_with(result, f"checklist.chk in {snapshot_of(tmp_path, 'test/html-checklist')} is not a list of md5 "
                               "sums (line 1: '<!DOCTYPE html>'); run again with --force_download, or --skip_verify "
                               "to trust the files")
+
+
+def test_files_a_checklist_leaves_out_are_checked_against_the_hub(hub, tmp_path):
+    """Llama 2's checklists list the weights, not the licence: the Hub's checksum catches it."""
+    hub.corrupt.add("LICENSE.txt")
+    result = download(hub, tmp_path, "--model_name", "meta-llama/Llama-2-7b")
+    original = llama2_files()["LICENSE.txt"]
+    served = bytes([original[0] ^ 0xFF]) + original[1:]
+    blob_id = {content: hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest() for content in (original, served)}
+    assert_fails_with(result, f"LICENSE.txt is corrupt: git-sha1 {blob_id[served]} does not match "
+                              f"{blob_id[original]} from the Hub's git blob id; run again with --force_download")
 
 
 def test_corrupt_transfer_fails_against_the_hubs_sha256_and_force_download_repairs_it(hub, tmp_path):
