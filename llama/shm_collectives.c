@@ -23,12 +23,23 @@
 enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
 /* Wait outcomes beyond 0 (success): the rank concerned is added to these. */
-enum { PEER_DIED = 1000, PEER_LATE = 2000 };
+enum { PEER_DIED = 1000, PEER_LATE = 2000, PEER_DIFFERS = 3000 };
+
+/* What a rank's current collective is, published with each round (one per bank, as the slots):
+ * every rank checks its peers' against its own before it reads their slots, so ranks that
+ * disagree (a bug) fail at once instead of mixing each other's data. */
+typedef struct {
+    int64_t op;        /* 1 all-reduce, 2 all-gather */
+    int64_t dtype;     /* the all-reduce's element type; -1 for an all-gather */
+    int64_t bytes;     /* of the whole call's input */
+    int64_t row_bytes; /* the all-gather's rows; 0 for an all-reduce */
+} Call;
 
 typedef struct {
     int64_t round; /* the last round this rank has published */
     int64_t pid;   /* for the liveness check of ranks waited on */
     uint64_t nonce; /* rank 0 writes it; the others check they opened the same segment */
+    Call call[2];   /* by bank: the call of the round published last in it */
 } Flag;
 
 static int64_t header_bytes(int n) {
@@ -113,10 +124,22 @@ static int wait_for_round(char *base, int n, int64_t round, double timeout_s) {
     return 0;
 }
 
-static int publish_and_wait(char *base, int rank, int n, int64_t round, double timeout_s) {
+static int publish_and_wait(char *base, int rank, int n, int64_t round, Call call, double timeout_s) {
+    flag_of(base, rank)->call[round & 1] = call;
     __atomic_store_n(&flag_of(base, rank)->round, round, __ATOMIC_RELEASE);
-    return wait_for_round(base, n, round, timeout_s);
+    int status = wait_for_round(base, n, round, timeout_s);
+    for (int r = 0; r < n && !status; r++)
+        if (memcmp(&flag_of(base, r)->call[round & 1], &call, sizeof call)) status = PEER_DIFFERS + r;
+    return status;
 }
+
+/* The call `rank` published with round `round` (for the error message): op, dtype, bytes, row_bytes. */
+void shm_peer_call(char *base, int rank, int64_t round, int64_t *out) {
+    Call c = flag_of(base, rank)->call[round & 1];
+    out[0] = c.op, out[1] = c.dtype, out[2] = c.bytes, out[3] = c.row_bytes;
+}
+
+int64_t shm_round(char *base, int rank) { return flag_of(base, rank)->round; }
 
 /* Conversions as c10 does them (round to nearest even; c10's NaN encodings). */
 static float f32_of_bits(uint32_t u) {
@@ -212,7 +235,7 @@ static int64_t ring_chunk_elements(int64_t numel, int element_size, int n, int64
 
 /* Sum `in` (numel elements) over the n ranks into `out`, each element in the order gloo's
  * ring would add it, so results equal gloo's bit for bit and are identical on every rank.
- * Returns 0, PEER_DIED + rank or PEER_LATE + rank. */
+ * Returns 0, PEER_DIED + rank, PEER_LATE + rank or PEER_DIFFERS + rank. */
 int shm_all_reduce(char *base, int rank, int n, int64_t slot_bytes, const void *in, void *out,
                    int64_t numel, int dtype, int64_t max_segment_bytes, double timeout_s) {
     static const int sizes[] = {4, 8, 2, 2};
@@ -227,7 +250,7 @@ int shm_all_reduce(char *base, int rank, int n, int64_t slot_bytes, const void *
         int64_t count = numel - start < per_round ? numel - start : per_round;
         int64_t r = flag_of(base, rank)->round + 1;
         memcpy(slot_of(base, n, slot_bytes, r, rank), (const char *)in + start * size, count * size);
-        int status = publish_and_wait(base, rank, n, r, timeout_s);
+        int status = publish_and_wait(base, rank, n, r, (Call){1, dtype, numel * size, 0}, timeout_s);
         if (status) return status;
         for (int p = 0; p < n; p++) src[p] = slot_of(base, n, slot_bytes, r, p);
         /* Split this round's elements where gloo's chunks (and so the orders) change. */
@@ -252,7 +275,7 @@ int shm_all_gather(char *base, int rank, int n, int64_t slot_bytes, const void *
         int64_t count = total - start < slot_bytes ? total - start : slot_bytes;
         int64_t r = flag_of(base, rank)->round + 1;
         memcpy(slot_of(base, n, slot_bytes, r, rank), (const char *)in + start, count);
-        int status = publish_and_wait(base, rank, n, r, timeout_s);
+        int status = publish_and_wait(base, rank, n, r, (Call){2, -1, total, row_bytes}, timeout_s);
         if (status) return status;
         for (int p = 0; p < n; p++) {
             const char *slot = slot_of(base, n, slot_bytes, r, p);

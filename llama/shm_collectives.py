@@ -9,7 +9,10 @@ exchange takes microseconds (DeepSpeed's shm_comm and vLLM's CPU backend do the 
 How: rank 0 creates a segment in /dev/shm holding one flag and two slots per rank; the
 others map it. A collective copies each rank's piece into its slot, publishes a round
 number (release store) and waits for every rank's (acquire loads), then each rank reads all
-slots: no locks, one synchronization per round (shm_collectives.c). The sums follow gloo's
+slots: no locks, one synchronization per round (shm_collectives.c). With each round a rank
+also publishes its call (operation, bytes, dtype or row width), and every rank checks its
+peers' against its own before reading their slots: ranks that disagree (a bug) fail with one
+line (CollectiveMismatchError) instead of mixing each other's data. The sums follow gloo's
 ring order element by element, so they equal gloo's bit for bit and are identical on every
 rank (all ranks sample from the same logits). A rank that waits checks every 20 ms that the
 ranks it waits for are still alive and gives up after the process group's timeout, so a
@@ -18,7 +21,9 @@ killed peer ends the others at once instead of leaving them spinning.
 The C part is built once per machine by llama.native (about a second; no torch headers) and
 loaded with ctypes. It is used only when the job has one launcher (LOCAL_WORLD_SIZE equals
 WORLD_SIZE; torchrun --nnodes N keeps torch.distributed even for ranks that share a host),
-every rank can map the segment rank 0 created (checked with a random nonce, so it never
+rank 0 can reserve the segment's memory (posix_fallocate: a container's small /dev/shm means
+gloo, not a SIGBUS at the first write), every rank can map the segment rank 0 created
+(checked with a random nonce, so it never
 engages across hosts), the ranks see each other's processes, and a C compiler exists;
 otherwise, and for GPU tensors, torch.distributed does the work. TP_LLAMA_SHM=0 turns it
 off. Inside a compiled decode step it runs as operators (tp_llama::shm_all_reduce /
@@ -54,11 +59,17 @@ GLOO_MAX_SEGMENT_BYTES = 1 << 20
 _MAX_RANKS = 256  # the C side's fixed-size arrays
 # Element types the C side reduces, by its codes.
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_PEER_DIED, _PEER_LATE = 1000, 2000
+_PEER_DIED, _PEER_LATE, _PEER_DIFFERS = 1000, 2000, 3000
+_DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
 
 
 class PeerLostError(RuntimeError):
     """A rank died, or never arrived, while the others waited for it in a collective."""
+
+
+class CollectiveMismatchError(RuntimeError):
+    """Ranks called different collectives (operation, size or dtype) in the same round: a bug,
+    caught before any rank used another's data."""
 
 
 @functools.cache
@@ -74,6 +85,8 @@ def _library() -> ctypes.CDLL | None:
     lib.shm_all_reduce.argtypes = [ptr, ctypes.c_int, ctypes.c_int, i64, ptr, ptr, i64, ctypes.c_int, i64,
                                    ctypes.c_double]
     lib.shm_all_gather.argtypes = [ptr, ctypes.c_int, ctypes.c_int, i64, ptr, ptr, i64, i64, ctypes.c_double]
+    lib.shm_peer_call.argtypes, lib.shm_peer_call.restype = [ptr, ctypes.c_int, i64, ptr], None
+    lib.shm_round.argtypes, lib.shm_round.restype = [ptr, ctypes.c_int], i64
     return lib
 
 
@@ -104,11 +117,27 @@ class _Segment:
             raise self._lost(status, "all-gather")
         return out
 
-    def _lost(self, status: int, what: str) -> PeerLostError:
+    def _lost(self, status: int, what: str) -> RuntimeError:
+        if status >= _PEER_DIFFERS:
+            peer = status - _PEER_DIFFERS
+            round_ = self.lib.shm_round(self.base, self.rank)
+            calls = []
+            for rank in (self.rank, peer):
+                call = (ctypes.c_int64 * 4)()
+                self.lib.shm_peer_call(self.base, rank, round_, call)
+                calls.append(self._describe(*call))
+            return CollectiveMismatchError(f"shared-memory collectives out of step: rank {self.rank} called "
+                                           f"{calls[0]} while rank {peer} called {calls[1]}")
         if status >= _PEER_LATE:
             return PeerLostError(f"rank {status - _PEER_LATE} did not join a shared-memory {what} within "
                                  f"{self.timeout_s:.0f} s (the process group's timeout)")
         return PeerLostError(f"rank {status - _PEER_DIED} exited during a shared-memory {what}")
+
+    @staticmethod
+    def _describe(op: int, dtype: int, nbytes: int, row_bytes: int) -> str:
+        if op == 1:
+            return f"an all-reduce of {nbytes} bytes of {_DTYPE_NAMES.get(dtype, dtype)}"
+        return f"an all-gather of {nbytes} bytes in rows of {row_bytes}" if op == 2 else "nothing"
 
 
 def _open_segment(group: dist.ProcessGroup) -> tuple[_Segment | None, str]:
@@ -120,15 +149,21 @@ def _open_segment(group: dist.ProcessGroup) -> tuple[_Segment | None, str]:
     if any(reasons):
         return None, next(r for r in reasons if r)
     timeout_s = _timeout_s(group)
-    segment, offer = None, [None]
-    if rank == 0:
-        path, nonce = _SHM_DIR / f"tp-llama-{os.getpid()}-{secrets.token_hex(8)}", secrets.randbits(64)
-        segment = _Segment(lib, _map(lib, path, size, create=True), rank, size, timeout_s)
-        lib.shm_set_identity(segment.base, rank, os.getpid(), nonce)
-        offer = [(str(path), nonce)]
-    dist.broadcast_object_list(offer, group=group, group_src=0)
-    path, nonce = Path(offer[0][0]), offer[0][1]
+    segment, offer, path = None, [None], None
     try:
+        if rank == 0:
+            path, nonce = _SHM_DIR / f"tp-llama-{os.getpid()}-{secrets.token_hex(8)}", secrets.randbits(64)
+            try:
+                segment = _Segment(lib, _map(lib, path, size, create=True), rank, size, timeout_s)
+                lib.shm_set_identity(segment.base, rank, os.getpid(), nonce)
+                offer = [(str(path), nonce)]
+            except OSError as e:  # full (a container's 64 MB /dev/shm), or not ours to write
+                offer = [f"{_SHM_DIR} has no room for {lib.shm_segment_bytes(size, SLOT_BYTES)} bytes "
+                         f"({e.strerror or e})"]
+        dist.broadcast_object_list(offer, group=group, group_src=0)
+        if isinstance(offer[0], str):
+            return None, offer[0]
+        path, nonce = Path(offer[0][0]), offer[0][1]
         if rank != 0:
             memory = _map(lib, path, size, create=False)
             segment = _Segment(lib, memory, rank, size, timeout_s) if memory else None
@@ -144,8 +179,8 @@ def _open_segment(group: dist.ProcessGroup) -> tuple[_Segment | None, str]:
             return None, "ranks cannot see each other's processes"
         return segment, ""
     finally:
-        if rank == 0:  # every rank has mapped it or given up: it lives as long as they do
-            os.unlink(path)
+        if rank == 0 and path is not None:  # every rank has mapped it or given up (or the broadcast
+            path.unlink(missing_ok=True)    # failed): it lives as long as their mappings do
 
 
 def _local_obstacle(lib: ctypes.CDLL | None, size: int) -> str:
@@ -164,15 +199,28 @@ def _local_obstacle(lib: ctypes.CDLL | None, size: int) -> str:
 
 
 def _map(lib: ctypes.CDLL, path: Path, size: int, create: bool) -> mmap.mmap | None:
+    """Rank 0 creates the segment (raising OSError if it cannot have all of it); the others map
+    it, or get None (another host's /dev/shm, or not theirs to open)."""
     nbytes = lib.shm_segment_bytes(size, SLOT_BYTES)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR, 0o600)
-    except FileNotFoundError:
+    except OSError:
+        if create:
+            raise
         return None
     try:
         if create:
-            os.ftruncate(fd, nbytes)
+            # Its pages reserved now: a segment only truncated to size would SIGBUS the first
+            # rank to write past what a small /dev/shm holds, instead of falling back to gloo.
+            os.posix_fallocate(fd, 0, nbytes)
+        elif os.fstat(fd).st_size < nbytes:
+            return None
         return mmap.mmap(fd, nbytes)
+    except OSError:
+        if create:
+            os.unlink(path)
+            raise
+        return None
     finally:
         os.close(fd)
 

@@ -52,3 +52,29 @@ def test_killed_peer_ends_the_waiting_rank():
     assert ranks[0].returncode == 1
     assert stderr.strip().splitlines() == ["error: rank 1 exited during a shared-memory all-reduce"]
     assert elapsed < 5
+
+
+def test_ranks_that_disagree_fail_in_one_line():
+    """Each rank publishes its call's operation, size and dtype with the round: a peer whose
+    call differs is an error on every rank, not a silent mix of each other's data."""
+    result = run_script("tests/shm_misuse.py", "mismatch", nproc=2)
+    assert result.returncode == 0, result.stderr
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == sorted([
+        "rank 0: shared-memory collectives out of step: rank 0 called an all-reduce of 16 bytes of float32 "
+        "while rank 1 called an all-reduce of 4000 bytes of float32",
+        "rank 0: shared-memory collectives out of step: rank 0 called an all-gather of 24 bytes in rows of 12 "
+        "while rank 1 called an all-gather of 48 bytes in rows of 24",
+        "rank 1: shared-memory collectives out of step: rank 1 called an all-reduce of 4000 bytes of float32 "
+        "while rank 0 called an all-reduce of 16 bytes of float32",
+        "rank 1: shared-memory collectives out of step: rank 1 called an all-gather of 48 bytes in rows of 24 "
+        "while rank 0 called an all-gather of 24 bytes in rows of 12"]), result.stdout
+
+
+def test_no_room_for_the_segment_falls_back_to_gloo():
+    """The segment's pages are reserved when it is made (posix_fallocate): a /dev/shm without
+    room for it means gloo, not a SIGBUS at the first write; and no segment is left behind."""
+    result = run_script("tests/shm_misuse.py", "no_room", nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "path: torch.distributed (gloo): /dev/shm has no room for" in result.stdout
+    assert "segments left: []" in result.stdout
