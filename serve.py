@@ -128,7 +128,7 @@ def main() -> None:
     chat_format = resolve_chat_format(tokenizer, args.chat_format)
     if args.compile:
         use_compiled_decode(model)
-    engine = Engine(model, model.args.max_batch_size)
+    engine = Engine(model, model.args.max_batch_size, tokenizer)
     log(f"warm-up{' (compiling the decode step)' if args.compile else ''}: {warm_up(engine):.1f} s")
     sock = bind(args.host, args.port, runtime)
     scheduler = server = None

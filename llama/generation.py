@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from llama.errors import UserError
+from llama.logits_processing import LogitsInputs, LogitsParams, LogitsProcessor, process_logits, top_logprobs
 from llama.model import Transformer
+from llama.tokenizer import Tokenizer
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 
@@ -45,6 +47,7 @@ class Request:
     max_new_tokens: int
     stop_ids: frozenset[int]
     sampling: SamplingParams = SamplingParams()
+    logits: LogitsParams = LogitsParams()  # penalties, bias, grammar, top_logprobs
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class TokenEvent:
     token: int | None
     logprob: float | None  # of the token, before temperature
     finish_reason: str | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first, when asked
 
 
 @dataclass
@@ -86,15 +90,26 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return first.clamp(max=vocab - 1)
 
 
+# What sampling returns: each row's token, its log-probability, and with processing the rows'
+# top log-probabilities and their tokens.
+Sampled = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
-                sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                sampling: bool, processing: LogitsInputs | None = None) -> Sampled:
     """Each row's next token and its log-probability (before temperature). logits (rows, vocab).
 
     A row with temperature 0 is greedy; the others draw from the top-p nucleus of the
     tempered distribution (Meta's rule: keep the most likely tokens until the mass before
     them exceeds top_p) by inverting its cumulative sum at the row's `uniform` draw in [0, 1).
-    With sampling=False every row is greedy and the sort is skipped."""
+    With sampling=False every row is greedy and the sort is skipped. `processing`, when some
+    row asks for it, changes the logits that are sampled (llama.logits_processing); log-
+    probabilities stay those of the model's own logits."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    top = None
+    if processing is not None:
+        logits = process_logits(logits, processing)
+        top = top_logprobs(logprobs)
     tokens = greedy_tokens(logits)
     if sampling:
         probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=-1)
@@ -106,16 +121,17 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         index = (kept & (mass <= uniform[:, None] * total)).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
         sampled = order.gather(-1, index[:, None]).squeeze(-1)
         tokens = torch.where(temperature > 0, sampled, tokens)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), top
 
 
-# A decode step: (model, tokens, positions, temperature, top_p, uniform, sampling) -> (tokens, logprobs).
-DecodeStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# A decode step: (model, tokens, positions, temperature, top_p, uniform, sampling, processing) -> Sampled.
+DecodeStep = Callable[..., Sampled]
 
 
 def _decode_and_sample(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor,
-                       top_p: torch.Tensor, uniform: torch.Tensor, sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return sample_rows(model.decode(tokens, positions), temperature, top_p, uniform, sampling)
+                       top_p: torch.Tensor, uniform: torch.Tensor, sampling: bool,
+                       processing: LogitsInputs | None) -> Sampled:
+    return sample_rows(model.decode(tokens, positions), temperature, top_p, uniform, sampling, processing)
 
 
 def _compile_decode(device_type: str) -> DecodeStep:
@@ -206,12 +222,14 @@ class Engine:
 
     model: Transformer
     slots: int
+    tokenizer: Tokenizer | None = None  # for requests with a grammar
     waiting: collections.deque[Request] = field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         self.model.setup_caches(self.slots)
         self.device = self.model.output.weight.device
         self.running: list[_Sequence | None] = [None] * self.slots
+        self.processor = LogitsProcessor(self.slots, self.model.args.vocab_size, self.device, self.tokenizer)
         self._step = functools.partial(_decode_step(self.model), self.model)
 
     @property
@@ -234,7 +252,7 @@ class Engine:
                 return TokenEvent(request_id, None, None, FINISH_CANCELLED)
         for i, seq in enumerate(self.running):
             if seq is not None and seq.request.id == request_id:
-                self.running[i] = None
+                self._free(seq)
                 return TokenEvent(request_id, None, None, FINISH_CANCELLED)
         return None
 
@@ -252,11 +270,14 @@ class Engine:
     def _admit(self, request: Request, slot: int) -> TokenEvent:
         seq = _Sequence(request, slot, torch.Generator().manual_seed(request.sampling.seed))
         self.running[slot] = seq
+        self.processor.admit(slot, request.prompt, request.stop_ids, request.logits)
         prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
         logits = self.model(prompt, cache_rows=torch.tensor([slot], device=self.device))[:, -1]
         params = self._sampling_tensors([seq])
-        tokens, logprobs = sample_rows(logits, *params, sampling=request.sampling.temperature > 0)
-        return self._advance(seq, int(tokens.item()), float(logprobs.item()))
+        processing = self.processor.inputs(slice(slot, slot + 1)) if self.processor.active([slot]) else None
+        tokens, logprobs, top = sample_rows(logits, *params, sampling=request.sampling.temperature > 0,
+                                            processing=processing)
+        return self._finish_step([seq], [0], tokens, logprobs, top)[0]
 
     def _decode(self, decoding: list[_Sequence]) -> list[TokenEvent]:
         rows = self.running
@@ -268,12 +289,27 @@ class Engine:
         inputs = torch.tensor([tokens, positions], dtype=torch.long).to(self.device)
         sampling = any(s.request.sampling.temperature > 0 for s in decoding)
         params = self._sampling_tensors([s if s in decoding else None for s in rows])
+        active = self.processor.active([s.slot for s in decoding])
+        processing = self.processor.inputs(slice(0, self.slots)) if active else None
         kernels = single_row_kernels(self.device) if self.slots == 1 else contextlib.nullcontext()
         with kernels:
-            next_tokens, logprobs = self._step(inputs[0], inputs[1], *params, sampling)
+            next_tokens, logprobs, top = self._step(inputs[0], inputs[1], *params, sampling, processing)
+        return self._finish_step(decoding, [s.slot for s in decoding], next_tokens, logprobs, top)
+
+    def _finish_step(self, sequences: list[_Sequence], rows: list[int], tokens: torch.Tensor, logprobs: torch.Tensor,
+                     top: tuple[torch.Tensor, torch.Tensor] | None) -> list[TokenEvent]:
+        """The events of the tokens sampled for `sequences` (at `rows` of the step's tensors)."""
         # One transfer brings both back (token ids are exact in float64).
-        chosen, chosen_logprobs = torch.stack((next_tokens.double(), logprobs.double())).tolist()
-        return [self._advance(s, int(chosen[s.slot]), chosen_logprobs[s.slot]) for s in decoding]
+        chosen, chosen_logprobs = torch.stack((tokens.double(), logprobs.double())).tolist()
+        sampled = {s.slot: int(chosen[row]) for s, row in zip(sequences, rows)}
+        complete = self.processor.accept(sampled)  # slots whose grammar can take nothing more
+        top_values, top_ids = (t.tolist() for t in top) if top is not None else ([], [])
+        events = []
+        for s, row in zip(sequences, rows):
+            k = s.request.logits.top_logprobs
+            alternatives = tuple(zip(top_ids[row][:k], top_values[row][:k])) if k else ()
+            events.append(self._advance(s, sampled[s.slot], chosen_logprobs[row], s.slot in complete, alternatives))
+        return events
 
     def _sampling_tensors(self, rows: list[_Sequence | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Temperature, top_p and a uniform draw per row: drawn from the row's own generator
@@ -286,18 +322,24 @@ class Engine:
         temperature, top_p, uniform = torch.tensor(values, dtype=torch.float32).T.to(self.device)
         return temperature, top_p, uniform
 
-    def _advance(self, seq: _Sequence, token: int, logprob: float) -> TokenEvent:
+    def _advance(self, seq: _Sequence, token: int, logprob: float, complete: bool,
+                 top: tuple[tuple[int, float], ...]) -> TokenEvent:
+        """`complete`: the request's grammar is satisfied and can take no more, so it stops here."""
         request = seq.request
         if token in request.stop_ids:
-            self.running[seq.slot] = None
+            self._free(seq)
             return TokenEvent(request.id, None, None, FINISH_STOP)
         seq.last_token = token
         seq.generated += 1
         full = len(request.prompt) + seq.generated >= self.model.args.max_seq_len
-        if seq.generated >= request.max_new_tokens or full:
-            self.running[seq.slot] = None
-            return TokenEvent(request.id, token, logprob, FINISH_LENGTH)
-        return TokenEvent(request.id, token, logprob)
+        finish = FINISH_STOP if complete else FINISH_LENGTH if seq.generated >= request.max_new_tokens or full else None
+        if finish is not None:
+            self._free(seq)
+        return TokenEvent(request.id, token, logprob, finish, top)
+
+    def _free(self, seq: _Sequence) -> None:
+        self.running[seq.slot] = None
+        self.processor.release(seq.slot)
 
 
 def check_prompts(prompt_tokens: list[list[int]], max_seq_len: int) -> None:

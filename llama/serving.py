@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llama.distributed import Runtime, stop_cleanly_on_sigterm
 from llama.generation import Engine, Request, SamplingParams, TokenEvent
+from llama.logits_processing import LogitsParams
 from llama.streaming import IncrementalDecoder
 from llama.tokenizer import Tokenizer
 
@@ -270,13 +271,17 @@ class TextStream:
 
 
 def warm_up(engine: Engine) -> float:
-    """Run a greedy and a sampled request through the engine before serving, so that the
-    first client does not pay for compilation (and CUDA graph capture) of either step.
-    Returns the seconds it took."""
+    """Run greedy and sampled requests, with and without logits processing, through the
+    engine before serving, so that the first client does not pay for compilation (and CUDA
+    graph capture) of any step variant. Returns the seconds it took."""
     start = time.perf_counter()
-    # One after the other: a step with any sampled row runs the sampled variant for all rows.
-    for request in (Request(-1, [0], 3, frozenset(), SamplingParams(temperature=0.0)),
-                    Request(-2, [0], 3, frozenset(), SamplingParams(temperature=1.0, top_p=0.9, seed=0))):
+    greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9, seed=0)
+    processed = LogitsParams(top_logprobs=1)
+    # One after the other: a step with any sampled row runs the sampled variant for all rows,
+    # and one with any row asking for logits processing (penalties, grammars...) that variant.
+    for i, (sampling, logits) in enumerate([(greedy, LogitsParams()), (sampled, LogitsParams()),
+                                            (greedy, processed), (sampled, processed)]):
+        request = Request(-1 - i, [0], 3, frozenset(), sampling, logits)
         engine.submit(request)
         while engine.busy:
             engine.step()

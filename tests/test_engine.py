@@ -98,16 +98,16 @@ def test_stop_ids_cancellation_and_slots(model):
     assert not engine.busy
 
 
-def test_warm_up_runs_both_decode_variants(model):
-    """serve.py's warm-up must compile the greedy and the sampled decode step: a step with any
-    sampled row runs the sampled variant, so warming both up at once left the greedy one to
-    the first client (15 s on a GPU)."""
+def test_warm_up_runs_every_decode_variant(model):
+    """serve.py's warm-up must compile the greedy and the sampled decode step, each with and
+    without logits processing: a step with any sampled row runs the sampled variant, so
+    warming both up at once left the greedy one to the first client (15 s on a GPU)."""
     engine = Engine(model, 2)
     variants = []
     step = engine._step
-    engine._step = lambda *inputs: variants.append(inputs[-1]) or step(*inputs)
+    engine._step = lambda *inputs: variants.append((inputs[-2], inputs[-1] is not None)) or step(*inputs)
     warm_up(engine)
-    assert set(variants) == {False, True}
+    assert set(variants) == {(False, False), (True, False), (False, True), (True, True)}
 
 
 def test_compiled_steps_keep_to_their_model_and_cache_size(model):
