@@ -8,12 +8,14 @@ streamed. Errors use OpenAI's shape: {"error": {"message", "type", "param", "cod
 from __future__ import annotations
 
 import asyncio
+import datetime
+import functools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -22,12 +24,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from llama.chat import ChatFormat, chat_stop_ids, dialog_problem, encode_dialog, refusal
+from llama.chat import (PYTHON_TAG, ChatFormat, ToolCall, chat_stop_ids, dialog_problem, encode_dialog,
+                        encode_tool_dialog, parse_tool_call, refusal, tool_call_schema, tool_dialog_problem)
 from llama.generation import FINISH_CANCELLED, Request, SamplingParams, TokenEvent
+from llama.logits_processing import MAX_TOP_LOGPROBS, LogitsParams
+from llama.structured import ANY_JSON_OBJECT, GrammarError, choice_grammar, json_schema_grammar, regex_grammar
 from llama.serving import QueueFull, Scheduler, ServerStopping, TextStream
 from llama.tokenizer import Tokenizer
 
 RETRY_AFTER_S = 1
+MAX_N = 16  # choices per prompt
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
+SEED_STRIDE = 0x9E3779B97F4A7C15  # between the seeds of a request's n choices (odd: they never repeat)
 
 
 class APIError(Exception):
@@ -61,13 +69,23 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extras
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
 
 
@@ -76,12 +94,60 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -89,7 +155,10 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="only 0: the chosen token's logprob is returned")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,25 +167,29 @@ class ChatCompletionRequest(SamplingFields):
 
 @dataclass
 class Choice:
-    """One prompt of a request: its engine request, text so far and how it ended."""
+    """One completion of a request: its engine request, text so far and how it ended."""
 
     request: Request
     text: TextStream
     prefix: str = ""  # the echoed prompt
+    repeats_prompt: bool = False  # one of n > 1 completions of a prompt, but not the first
+    tools: frozenset[str] = frozenset()  # names of the functions its answer may call
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     finish_reason: str | None = None
 
 
 @dataclass
 class Update:
-    """What one event added to a choice: text to send, the token and its logprob."""
+    """What one event added to a choice: text to send, the token, its logprob and alternatives."""
 
     index: int
     text: str
     token: int | None
     logprob: float | None
     finish_reason: str | None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class Job:
@@ -159,6 +232,7 @@ class Job:
         if event.token is not None:
             choice.tokens.append(event.token)
             choice.logprobs.append(event.logprob)
+            choice.top_logprobs.append(event.top_logprobs)
             text = choice.text.add(event.token)
         finish = event.finish_reason
         if choice.text.stopped:
@@ -168,7 +242,7 @@ class Job:
         if finish is not None:
             text += choice.text.finish()
             choice.finish_reason = "stop" if finish == FINISH_CANCELLED else finish
-        return Update(i, text, event.token, event.logprob, choice.finish_reason)
+        return Update(i, text, event.token, event.logprob, choice.finish_reason, event.top_logprobs)
 
     def cancel_unfinished(self) -> None:
         for choice in self.choices:
@@ -176,7 +250,7 @@ class Job:
                 self.scheduler.cancel(choice.request.id)
 
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(c.request.prompt) for c in self.choices)
+        prompt = sum(len(c.request.prompt) for c in self.choices if not c.repeats_prompt)
         completion = sum(len(c.tokens) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -223,14 +297,60 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         if body.model is not None and body.model != config.model_name:
             raise APIError(404, f"model '{body.model}' does not exist; this server serves '{config.model_name}'",
                            param="model", code="model_not_found")
-        if body.n != 1:
-            raise APIError(400, f"n {body.n}: this server returns one choice per prompt; use n=1", param="n")
+
+    def logit_bias(body: SamplingFields) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, value in (body.logit_bias or {}).items():
+            if not key.isdigit() or not 0 <= int(key) < tokenizer.n_words:
+                raise APIError(400, f"logit_bias: key {key!r} is not a token id in [0, {tokenizer.n_words})",
+                               param="logit_bias")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise APIError(400, f"logit_bias: value {value} for token {key} is outside "
+                               f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", param="logit_bias")
+            pairs.append((int(key), value))
+        return tuple(pairs)
+
+    def grammar(body: SamplingFields, tool_call: dict | None = None) -> str | None:
+        """The grammar the output must follow: from response_format, the guided_* extras or a
+        tool call that tool_choice requires; at most one of them."""
+        response_format = getattr(body, "response_format", None)
+        asked = {name: value for name, value in [
+            ("response_format", response_format if response_format and response_format.type != "text" else None),
+            ("guided_json", body.guided_json), ("guided_regex", body.guided_regex),
+            ("guided_choice", body.guided_choice), ("tool_choice", tool_call)] if value is not None}
+        if len(asked) > 1:
+            raise APIError(400, f"{', '.join(asked)}: ask for one output constraint at a time", param=list(asked)[-1])
+        if not asked:
+            return None
+        (name, value), = asked.items()
+        if name == "response_format":
+            if value.type == "json_object":
+                name, value = "response_format", ANY_JSON_OBJECT
+            elif value.json_schema is None or value.json_schema.schema_ is None:
+                raise APIError(400, "response_format.json_schema.schema: required with type json_schema",
+                               param="response_format.json_schema.schema")
+            else:
+                name, value = "response_format.json_schema.schema", value.json_schema.schema_
+        try:
+            if name == "guided_regex":
+                return regex_grammar(value)
+            if name == "guided_choice":
+                return choice_grammar(value)
+            return json_schema_grammar(value)
+        except GrammarError as e:
+            raise APIError(400, f"{name}: not supported for constrained decoding: {e}", param=name) from None
+
+    def logits_params(body: SamplingFields, top_logprobs: int, grammar_text: str | None) -> LogitsParams:
+        return LogitsParams(body.presence_penalty, body.frequency_penalty, body.repetition_penalty, logit_bias(body),
+                            body.min_tokens, top_logprobs, grammar_text)
 
     def stop_strings(body: SamplingFields) -> list[str]:
         return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
-    def choice_for(body: SamplingFields, prompt: list[int], stop_ids: frozenset[int], max_tokens: int | None,
-                   what: str, prefix: str = "") -> Choice:
+    def choices_for(body: SamplingFields, prompt: list[int], stop_ids: frozenset[int], max_tokens: int | None,
+                    what: str, logits: LogitsParams, prefix: str = "",
+                    tools: frozenset[str] = frozenset()) -> list[Choice]:
+        """The n completions of one prompt, each with its own seed (the first with the request's)."""
         if not prompt:
             raise APIError(400, f"{what} is empty", param=what.split("[")[0])
         room = config.max_seq_len - len(prompt)
@@ -239,9 +359,13 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
                            f"{config.max_seq_len} (a prompt must leave room for at least one new token); "
                            "shorten it", param=what.split("[")[0], code="context_length_exceeded")
         seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
-        sampling = SamplingParams(body.temperature, body.top_p, seed % 2**63)
-        request = Request(scheduler.new_id(), prompt, min(max_tokens or room, room), stop_ids, sampling)
-        return Choice(request, TextStream(tokenizer, stop_strings(body)), prefix)
+        stop_ids = frozenset() if body.ignore_eos else stop_ids
+        choices = []
+        for j in range(body.n):
+            sampling = SamplingParams(body.temperature, body.top_p, (seed + j * SEED_STRIDE) % 2**63)
+            request = Request(scheduler.new_id(), prompt, min(max_tokens or room, room), stop_ids, sampling, logits)
+            choices.append(Choice(request, TextStream(tokenizer, stop_strings(body)), prefix, j > 0, tools))
+        return choices
 
     def validate_token_ids(prompt: list[int], what: str) -> None:
         if any(not 0 <= t < tokenizer.n_words for t in prompt):
@@ -267,6 +391,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         check_common(body)
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
             else [body.prompt]
+        logits = logits_params(body, body.logprobs or 0, grammar(body))
         choices = []
         for i, prompt in enumerate(prompts):
             what = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
@@ -276,8 +401,8 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
             else:
                 validate_token_ids(prompt, what)
                 tokens, text = list(prompt), tokenizer.decode(list(prompt))
-            choices.append(choice_for(body, tokens, tokenizer.stop_ids, body.max_tokens, what,
-                                      prefix=text if body.echo else ""))
+            choices += choices_for(body, tokens, tokenizer.stop_ids, body.max_tokens, what, logits,
+                                   prefix=text if body.echo else "")
         job = Job(scheduler, choices)
         reply = Reply("cmpl", "text_completion", config.model_name, job, tokenizer, chat=False,
                       logprobs=body.logprobs is not None)
@@ -288,17 +413,66 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         check_common(body)
         if not body.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
-        dialog = [{"role": m.role, "content": m.text()} for m in body.messages]
-        problem = dialog_problem(dialog) or refusal(dialog, config.chat_format)
-        if problem:
-            raise APIError(400, f"messages: {problem}", param="messages")
-        prompt = encode_dialog(tokenizer, dialog, config.chat_format)
-        choice = choice_for(body, prompt, chat_stop_ids(tokenizer, config.chat_format),
-                            body.max_completion_tokens or body.max_tokens, "messages")
-        job = Job(scheduler, [choice])
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+        tools, tool_call = offered_tools(body)
+        dialog = chat_dialog(body)
+        if tools is not None or any(m.role == "tool" or m.tool_calls for m in body.messages):
+            problem = tool_dialog_problem(dialog)
+            if problem:
+                raise APIError(400, f"messages: {problem}", param="messages")
+            today = datetime.datetime.now(datetime.timezone.utc).date()
+            prompt = encode_tool_dialog(tokenizer, dialog, tools, today)
+        else:
+            problem = dialog_problem(dialog) or refusal(dialog, config.chat_format)
+            if problem:
+                raise APIError(400, f"messages: {problem}", param="messages")
+            prompt = encode_dialog(tokenizer, dialog, config.chat_format)
+        logits = logits_params(body, (body.top_logprobs or 0) if body.logprobs else 0, grammar(body, tool_call))
+        names = frozenset(t["function"]["name"] for t in tools or [])
+        choices = choices_for(body, prompt, chat_stop_ids(tokenizer, config.chat_format),
+                              body.max_completion_tokens or body.max_tokens, "messages", logits, tools=names)
+        job = Job(scheduler, choices)
         reply = Reply("chatcmpl", "chat.completion", config.model_name, job, tokenizer, chat=True,
                       logprobs=body.logprobs)
         return reply.stream(body) if body.stream else await reply.whole()
+
+    def offered_tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, dict | None]:
+        """The tools put in the prompt (None when none are offered), and the JSON schema a tool
+        call must follow when tool_choice requires one."""
+        choice = body.tool_choice or ("auto" if body.tools else "none")
+        if choice != "none" and not body.tools:
+            raise APIError(400, "tool_choice: names a tool, or requires one, but no tools were given", param="tool_choice")
+        uses_tools = body.tools or any(m.role == "tool" or m.tool_calls for m in body.messages)
+        if uses_tools and config.chat_format != "llama3":
+            raise APIError(400, "tools: Llama 2 has no tool-call format; tools, tool calls and tool messages need "
+                           "a Llama 3.1 or later model", param="tools" if body.tools else "messages")
+        if choice == "none":
+            return None, None
+        tools = [t.model_dump(exclude_none=True, exclude={"function": {"strict"}}) for t in body.tools]
+        if choice == "auto":
+            return tools, None
+        if choice == "required":
+            schemas = [tool_call_schema(t) for t in tools]
+            return tools, schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        named = [t for t in tools if t["function"]["name"] == choice.function.name]
+        if not named:
+            raise APIError(400, f"tool_choice: no tool is named {choice.function.name!r}", param="tool_choice")
+        return tools, tool_call_schema(named[0])
+
+    def chat_dialog(body: ChatCompletionRequest) -> list[dict]:
+        dialog = []
+        for i, m in enumerate(body.messages):
+            message = {"role": m.role, "content": m.text()}
+            if m.tool_calls:
+                try:
+                    calls = [ToolCall(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls]
+                except ValueError as e:
+                    raise APIError(400, f"messages[{i}].tool_calls: arguments are not JSON ({e})",
+                                   param=f"messages[{i}].tool_calls") from None
+                message["tool_calls"] = calls
+            dialog.append(message)
+        return dialog
 
     return app
 
@@ -323,18 +497,24 @@ class Reply:
         kind = self.object + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def _logprobs(self, tokens: list[int], logprobs: list[float], offset: int) -> dict | None:
+    def _logprobs(self, tokens: list[int], logprobs: list[float], tops: list[tuple[tuple[int, float], ...]],
+                  offset: int) -> dict | None:
         if not self.logprobs:
             return None
-        pieces = [self.tokenizer.decode([t]) for t in tokens]
+        piece = functools.lru_cache(maxsize=None)(lambda t: self.tokenizer.decode([t]))
         if self.chat:
-            return {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []}
-                                for p, lp in zip(pieces, logprobs)]}
+            def entry(token: int, logprob: float) -> dict:
+                return {"token": piece(token), "logprob": logprob, "bytes": list(piece(token).encode())}
+
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(*alt) for alt in top]}
+                                for t, lp, top in zip(tokens, logprobs, tops)]}
         offsets = []
-        for p in pieces:
+        for t in tokens:
             offsets.append(offset)
-            offset += len(p)
-        return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+            offset += len(piece(t))
+        alternatives = [{piece(a): v for a, v in top} for top in tops] if any(tops) else None
+        return {"tokens": [piece(t) for t in tokens], "token_logprobs": logprobs, "top_logprobs": alternatives,
+                "text_offset": offsets}
 
     async def whole(self) -> dict:
         texts = [c.prefix for c in self.job.choices]
@@ -342,13 +522,16 @@ class Reply:
             texts[update.index] += update.text
         choices = []
         for i, (choice, text) in enumerate(zip(self.job.choices, texts)):
-            logprobs = self._logprobs(choice.tokens, choice.logprobs, len(choice.prefix))
-            if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": logprobs, "finish_reason": choice.finish_reason})
-            else:
+            logprobs = self._logprobs(choice.tokens, choice.logprobs, choice.top_logprobs, len(choice.prefix))
+            if not self.chat:
                 choices.append({"index": i, "text": text, "logprobs": logprobs,
                                 "finish_reason": choice.finish_reason})
+                continue
+            message, finish = {"role": "assistant", "content": text}, choice.finish_reason
+            call = parse_tool_call(text, choice.tools) if choice.tools and finish == "stop" else None
+            if call is not None:
+                message, finish = {"role": "assistant", "content": None, "tool_calls": [_tool_call(call)]}, "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         return {**self._envelope(choices), "usage": self.job.usage()}
 
     def stream(self, body: SamplingFields) -> StreamingResponse:
@@ -363,20 +546,42 @@ class Reply:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
+    def _tool_call_chunks(self, index: int, call: ToolCall) -> list[dict]:
+        """A tool call as OpenAI streams it: id and name first, then the arguments, then the end."""
+        whole = _tool_call(call)
+        head = {**whole, "index": 0, "function": {"name": call.name, "arguments": ""}}
+        pieces = [{"tool_calls": [head]}, {"tool_calls": [{"index": 0, "function": {"arguments": whole["function"]
+                                                                                    ["arguments"]}}]}]
+        chunks = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None} for delta in pieces]
+        return chunks + [{"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]
+
     async def _chunks(self, include_usage: bool) -> AsyncIterator[str]:
         offsets = [len(c.prefix) for c in self.job.choices]
+        # Text of a choice that may still turn out to be a tool call is held back until it is known.
+        held: list[str | None] = ["" if c.tools else None for c in self.job.choices]
         try:
             for i, choice in enumerate(self.job.choices):
                 if self.chat or choice.prefix:
                     yield _sse(self._envelope([self._choice_chunk(i, choice.prefix, None, None, role=self.chat)],
                                               chunk=True))
             async for u in self.job.updates():
+                i, text = u.index, u.text
+                if held[i] is not None:
+                    held[i] += text
+                    if u.finish_reason == "stop":
+                        call = parse_tool_call(held[i], self.job.choices[i].tools)
+                        if call is not None:
+                            for chunk in self._tool_call_chunks(i, call):
+                                yield _sse(self._envelope([chunk], chunk=True))
+                            continue
+                    if u.finish_reason is None and _may_be_tool_call(held[i]):
+                        continue
+                    text, held[i] = held[i], None
                 tokens = [u.token] if u.token is not None else []
-                logprobs = self._logprobs(tokens, [u.logprob] if tokens else [], offsets[u.index]) if tokens else None
-                offsets[u.index] += len(u.text)
-                if u.text or logprobs or u.finish_reason:
-                    yield _sse(self._envelope([self._choice_chunk(u.index, u.text, logprobs, u.finish_reason)],
-                                              chunk=True))
+                logprobs = (self._logprobs(tokens, [u.logprob], [u.top_logprobs], offsets[i]) if tokens else None)
+                offsets[i] += len(text)
+                if text or logprobs or u.finish_reason:
+                    yield _sse(self._envelope([self._choice_chunk(i, text, logprobs, u.finish_reason)], chunk=True))
             if include_usage:
                 yield _sse({**self._envelope([], chunk=True), "usage": self.job.usage()})
         except APIError as e:
@@ -385,6 +590,18 @@ class Reply:
             # A client that went away mid-stream cancels what it no longer reads.
             self.job.cancel_unfinished()
         yield "data: [DONE]\n\n"
+
+
+def _may_be_tool_call(text: str) -> bool:
+    """Whether an answer that starts with `text` may still be a tool call (a JSON object,
+    after an optional <|python_tag|>)."""
+    start = text.lstrip()
+    return not start or start.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(start)
+
+
+def _tool_call(call: ToolCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
 
 
 def _sse(payload: dict) -> str:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -239,7 +240,7 @@ def test_models_health_and_errors(server):
     error(raw(server, "GET", "/v1/models", key="wrong"), 401)
     message = error(completions({"prompt": "word " * 200}), 400)
     assert re.search(r"\d+ tokens.*max_seq_len is 128", message)
-    assert "n 2" in error(completions({"prompt": "hi", "n": 2}), 400)
+    assert "n: " in error(completions({"prompt": "hi", "n": 17}), 400)
     assert "empty" in error(completions({"prompt": ""}), 400)
     assert "max_tokens" in error(completions({"prompt": "hi", "max_tokens": "many"}), 400)
     assert "temperature" in error(completions({"prompt": "hi", "temperature": -1}), 400)
@@ -258,7 +259,7 @@ def test_disconnect_frees_the_slot_while_others_stream_and_a_full_queue_gets_503
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         # Bad requests are refused while this one streams.
-        assert raw(server, "POST", "/v1/completions", json={"prompt": "hi", "n": 3}).status_code == 400
+        assert raw(server, "POST", "/v1/completions", json={"prompt": "hi", "n": 0}).status_code == 400
         assert next(lines) is not None
     assert wait_idle(server) == {"status": "ok", "running": 0, "waiting": 0}
 
@@ -304,3 +305,11 @@ def test_load_generator_reports_throughput_and_latency(server, tmp_path):
         assert r["output_tokens_per_s"] > 0 and r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"]
         assert r["inter_token_ms"]["p50"] > 0
     assert "concurrency 3:" in result.stdout
+
+
+def test_llama2_has_no_tool_format(client, server):
+    """Tools need Llama 3.1's format: a Llama 2 model refuses them with a 400 naming the field."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    assert info.value.body["param"] == "tools" and "Llama 2 has no tool-call format" in info.value.body["message"]
