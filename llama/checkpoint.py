@@ -7,15 +7,21 @@ chunks with their global offsets, so the result loads at any tensor-parallel deg
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.tensor import DTensor, Shard
 
 from llama import quantize
@@ -153,21 +159,33 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
     """Write `ckpt` as a DCP checkpoint plus model_args.json and tokenizer.model in `out_dir`,
     with its linear weights quantized if `scheme` is given (llama.quantize).
 
-    All of it is written to a sibling `.partial` directory that is renamed into place at
-    the end, so `out_dir` is either the whole checkpoint or untouched."""
+    All of it is written to a staging folder of its own beside `out_dir` that takes its place
+    at the end (see _replace), so `out_dir` is either the whole checkpoint or untouched."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise UserError(f"--save_checkpoint_dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
+    _check_output(out_dir, [ckpt.dir, ckpt.tokenizer.path], overwrite)
     if scheme and scheme.name == "int4":
         quantize.check_group_size(ckpt.args, scheme.group_size, "--group_size")
     log(f"{ckpt.dir}: {len(ckpt.paths)} shard(s), {ckpt.args.n_layers} layers, dim {ckpt.args.dim}, "
         f"vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if runtime.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
+    names = [None]
+    if runtime.is_main:  # a name no other job uses: two conversions to one folder never share it
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        names = [tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-")]
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(names[0], 0o777 & ~umask)  # the permissions of a folder made as usual, not mkdtemp's 0700
+    dist.broadcast_object_list(names, src=0)
+    staging = Path(names[0])
+    try:
+        _write(ckpt, staging, runtime, dtype, scheme, out_dir)
+    except BaseException:
+        if runtime.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
+
+def _write(ckpt: MetaCheckpoint, staging: Path, runtime: Runtime, dtype: str, scheme: quantize.Scheme | None,
+           out_dir: Path) -> None:
     start = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     state: dict[str, torch.Tensor] = {}
@@ -196,15 +214,50 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
         ckpt.args.quantize, ckpt.args.group_size = (scheme.name, scheme.group_size) if scheme else (None, None)
         ckpt.args.save(staging / ARGS_FILE)
         shutil.copyfile(ckpt.tokenizer.path, staging / TOKENIZER_FILE)
-        if out_dir.is_dir():  # empty, or --overwrite
-            shutil.rmtree(out_dir)
-        out_dir.unlink(missing_ok=True)
-        staging.rename(out_dir)
+        _replace(out_dir, staging)
     [peak] = max_over_ranks([peak_rss_bytes()], runtime.device)
     stored = sum(t.numel() * t.element_size() for t in state.values())  # DTensors count their global size
     log(f"converted {len(ckpt.plans)} weights in {time.perf_counter() - start:.1f}s -> {out_dir}: "
         f"{stored / 1e6:.1f} MB{f', {scheme.describe()}' if scheme else ''} "
         f"(peak memory per rank {peak / 2**30:.2f} GiB)")
+
+
+def _is_converted_file(name: str) -> bool:
+    """The files convert_checkpoints.py writes into a checkpoint's folder."""
+    return name in (".metadata", ARGS_FILE, TOKENIZER_FILE) or name.endswith(".distcp")
+
+
+def _check_output(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output folder that holds the inputs, and one that is not empty unless
+    --overwrite, and then only a converted checkpoint (nothing a user put there is deleted)."""
+    flag = f"--save_checkpoint_dir {out_dir}"
+    target = out_dir.resolve()
+    for path in inputs:
+        if path.resolve().is_relative_to(target):
+            raise UserError(f"{flag}: holds the input {path}; write the checkpoint to a folder of its own")
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"{flag}: exists and is not a folder; pass the path of a new folder")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries and not overwrite:
+        raise UserError(f"{flag}: exists and is not empty; pass --overwrite to replace it")
+    foreign = [name for name in entries if not _is_converted_file(name) or not (out_dir / name).is_file()]
+    if foreign:
+        raise UserError(f"{flag}: holds {foreign[0]}, which convert_checkpoints.py did not write; --overwrite "
+                        "replaces only a converted checkpoint: move that file or choose another folder")
+
+
+def _replace(out_dir: Path, staging: Path) -> None:
+    """Put the finished `staging` folder at `out_dir`: the old folder is renamed aside, the new
+    one renamed in, and only then the old one deleted, so `out_dir` is always whole."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        staging.rename(out_dir)
+        return
+    aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    out_dir.rename(aside / out_dir.name)
+    staging.rename(out_dir)
+    shutil.rmtree(aside)
 
 
 def _row_sharded(local: torch.Tensor, rows: int, runtime: Runtime) -> DTensor:
@@ -214,12 +267,75 @@ def _row_sharded(local: torch.Tensor, rows: int, runtime: Runtime) -> DTensor:
                               stride=torch.empty(shape, device="meta").stride())
 
 
+# What a converted checkpoint's .metadata may name: DCP's own metadata classes, tensor sizes,
+# dtypes and layouts, and the path DCP records of where it was saved. Nothing else is built
+# while it is read (DCP itself reads it with plain pickle, which runs any code it names).
+_METADATA_GLOBALS = {
+    **{("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+       for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")},
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("pathlib", "PosixPath"): lambda *parts: str(PurePosixPath(*parts)),  # kept as text, never opened
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _METADATA_GLOBALS:
+            return _METADATA_GLOBALS[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+def read_metadata(ckpt_dir: Path) -> dcp_metadata.Metadata:
+    """`ckpt_dir`/.metadata, read without running anything it names (only DCP's metadata classes,
+    sizes, dtypes and plain containers), and checked to describe tensors only, each stored in a
+    file inside `ckpt_dir`; else a UserError naming the file."""
+    path = Path(ckpt_dir) / ".metadata"
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except Exception as e:  # pickle raises many types for truncated or foreign data
+        raise UserError(f"{path}: not the metadata of a converted checkpoint ({e}); convert the checkpoint "
+                        "again with convert_checkpoints.py") from None
+    root = Path(ckpt_dir).resolve()
+
+    def inside(relative: object) -> bool:
+        return (isinstance(relative, str) and not Path(relative).is_absolute()
+                and (root / relative).resolve().is_relative_to(root))
+
+    problem = None
+    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        problem = "it holds no DCP Metadata"
+    elif not all(isinstance(m, dcp_metadata.TensorStorageMetadata) for m in metadata.state_dict_metadata.values()):
+        problem = "it describes something other than tensors"
+    elif not isinstance(metadata.storage_data, dict) or not all(
+            isinstance(info, _StorageInfo) and inside(info.relative_path) and not info.transform_descriptors
+            for info in metadata.storage_data.values()):
+        problem = "it stores data outside the checkpoint's folder or in a form convert_checkpoints.py never writes"
+    if problem:
+        raise UserError(f"{path}: not the metadata of a converted checkpoint ({problem}); convert the checkpoint "
+                        "again with convert_checkpoints.py")
+    return metadata
+
+
+class CheckedReader(dcp.FileSystemReader):
+    """DCP's file reader with read_metadata above (tensor data DCP reads with weights_only)."""
+
+    def read_metadata(self, *args: object, **kwargs: object) -> dcp_metadata.Metadata:
+        metadata = read_metadata(Path(self.path))
+        metadata.storage_meta = dcp_metadata.StorageMeta(load_id=self.load_id)
+        return metadata
+
+
 def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:
     """Fail clearly if `ckpt_dir` is not a DCP checkpoint of the model `args` describes."""
     if not (ckpt_dir / ".metadata").is_file():
         raise UserError(f"--converted_ckpt_dir {ckpt_dir}: not a DCP checkpoint (no .metadata); "
                         "create it with convert_checkpoints.py")
-    stored = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    stored = read_metadata(ckpt_dir).state_dict_metadata
     found, expected = _stored_scheme(stored, args), quantize.scheme_of(args)
     if found != expected:
         def describe(scheme: quantize.Scheme | None) -> str:
@@ -250,7 +366,7 @@ def load_parallel_model(ckpt_dir: Path, args: ModelArgs, runtime: Runtime, dtype
     lay quantized weights out for the device's kernels."""
     quantize.check_dtype(quantize.scheme_of(args), dtype, runtime.device)
     model = build_sharded(args, runtime.mesh, runtime.device, dtype)
-    dcp.load(model.state_dict(), checkpoint_id=ckpt_dir)
+    dcp.load(model.state_dict(), storage_reader=CheckedReader(ckpt_dir))
     quantize.pack_for_device(model)
     return model.eval().requires_grad_(False)
 

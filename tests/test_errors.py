@@ -1,6 +1,8 @@
 """Bad input: one line on rank 0, a non-zero exit on every rank, nothing half-written."""
 
 import json
+import os
+import pickle
 import shutil
 
 import pytest
@@ -105,12 +107,34 @@ def test_refuses_to_overwrite(tmp_path, meta):
 
 def test_overwrite_replaces_whole(tmp_path, meta):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    convert(meta, out)
+    (out / "model_args.json").write_text("{}")  # a converted checkpoint, damaged
+    (tmp_path / "out.partial").mkdir()  # a folder of the user's that the old staging name took
+    (tmp_path / "out.partial" / "keep.txt").write_text("precious")
     result = run_convert(meta, out, "--overwrite", nproc=1)
     assert result.returncode == 0, result.stderr
-    assert not (out / "stale.txt").exists() and (out / ".metadata").is_file()
-    assert not (tmp_path / "out.partial").exists()
+    assert json.loads((out / "model_args.json").read_text()) and (out / ".metadata").is_file()
+    assert (tmp_path / "out.partial" / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial"]  # no staging or old folder left
+
+
+@pytest.mark.parametrize("where", ["input", "parent", "foreign"])
+def test_overwrite_refuses_inputs_and_foreign_files(tmp_path, meta, where):
+    """--overwrite never deletes the checkpoint being converted, nor a file it did not write."""
+    src = shutil.copytree(meta, tmp_path / "models" / "meta")
+    out = {"input": src, "parent": tmp_path / "models", "foreign": tmp_path / "out"}[where]
+    if where == "foreign":
+        out.mkdir()
+        (out / ".metadata").write_bytes(b"")
+        (out / "notes.txt").write_text("precious")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = run_convert(src, out, "--overwrite", nproc=1)
+    if where == "foreign":
+        assert_clean_error(result, f"--save_checkpoint_dir {out}: holds notes.txt, which convert_checkpoints.py "
+                                   "did not write")
+    else:
+        assert_clean_error(result, f"--save_checkpoint_dir {out}: holds the input {src}")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def run_generate(ckpt, *extra, nproc=2):
@@ -123,6 +147,40 @@ def test_not_a_dcp_checkpoint(tmp_path, converted):
     shutil.copy(converted / "model_args.json", fake)
     shutil.copy(converted / "tokenizer.model", fake)
     assert_clean_error(run_generate(fake, "--prompt", "hi"), "--converted_ckpt_dir", "not a DCP checkpoint")
+
+
+class RunsCode:
+    """Unpickled, it runs a shell command (what plain pickle.load does with such a .metadata)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_metadata_that_would_run_code(tmp_path, converted):
+    bad = shutil.copytree(converted, tmp_path / "bad")
+    marker = tmp_path / "ran"
+    (bad / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    result = run_generate(bad, "--prompt", "hi")
+    assert_clean_error(result, f"{bad / '.metadata'}: not the metadata of a converted checkpoint",
+                       "posix.system is not part of a DCP checkpoint's metadata")
+    assert not marker.exists()
+
+
+def test_metadata_naming_files_outside_the_folder(tmp_path, converted):
+    from llama.checkpoint import read_metadata
+    from llama.errors import UserError
+
+    bad = shutil.copytree(converted, tmp_path / "bad")
+    metadata = read_metadata(bad)
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../etc/passwd"
+    (bad / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UserError, match=r"\.metadata: not the metadata of a converted checkpoint \(it stores data "
+                                        "outside the checkpoint's folder"):
+        read_metadata(bad)
 
 
 def test_checkpoint_of_another_model(tmp_path, converted):
