@@ -10,7 +10,10 @@ Rank 0 answers HTTP (POST /v1/completions, /v1/chat/completions; GET /v1/models,
 
 import argparse
 import importlib.util
+import ipaddress
+import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -27,6 +30,11 @@ from llama.model import Transformer
 from llama.serving import Metrics, Scheduler, run_engine_loop, warm_up
 from llama.tokenizer import Tokenizer
 
+# Where the API key may come from instead of --api_key (which every user sees in ps).
+API_KEY_ENV = "LLAMA_API_KEY"
+# Request bodies larger than this are refused (413) before they are read: a prompt of 128k
+# tokens is under 1 MB as token ids and a few MB as text.
+DEFAULT_MAX_BODY_BYTES = 8 << 20
 # How long rank 0 waits for the web server's thread to come up or to stop.
 SERVER_THREAD_WAIT_S = 10.0
 
@@ -48,7 +56,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max_queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiled at start)")
-    p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1 routes (visible in ps: prefer "
+                   f"--api_key_file or {API_KEY_ENV})")
+    p.add_argument("--api_key_file", type=Path, help=f"read the API key from this file (else ${API_KEY_ENV})")
+    p.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413 before they are read (default: %(default)s)")
     p.add_argument("--chat_format", choices=CHAT_FORMATS, help="default: the tokenizer's family")
     add_timeout_argument(p)
     args = p.parse_args()
@@ -63,7 +75,41 @@ def parse_args() -> argparse.Namespace:
         raise UserError(f"--max_queue {args.max_queue}: use 0 or more")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port}: use a port number in [0, 65535]")
+    if args.max_body_bytes < 1:
+        raise UserError(f"--max_body_bytes {args.max_body_bytes}: use a positive number")
+    args.api_key = api_key(args)
     return args
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api_key, --api_key_file or $LLAMA_API_KEY (one of them), or None; an empty
+    key is an error, not "no key" (an unset variable in `--api_key "$KEY"` would turn auth off)."""
+    given = [(flag, value) for flag, value in (("--api_key", args.api_key), ("--api_key_file", args.api_key_file))
+             if value is not None]
+    if len(given) > 1:
+        raise UserError("pass --api_key or --api_key_file, not both")
+    if given and given[0][0] == "--api_key_file":
+        try:
+            key, source = args.api_key_file.read_text().strip(), f"--api_key_file {args.api_key_file}"
+        except OSError as e:
+            raise UserError(f"--api_key_file {args.api_key_file}: cannot read it ({e.strerror})") from None
+    elif given:
+        key, source = args.api_key, "--api_key"
+    elif API_KEY_ENV in os.environ:
+        key, source = os.environ[API_KEY_ENV], API_KEY_ENV
+    else:
+        return None
+    if not key:
+        raise UserError(f"{source}: the API key is empty; give a key, or none of --api_key, --api_key_file and "
+                        f"{API_KEY_ENV} to serve without one")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_model(args: argparse.Namespace, runtime: Runtime) -> tuple[Transformer, Tokenizer, str]:
@@ -136,7 +182,10 @@ def main() -> None:
         from llama.api import ServerConfig, create_app
 
         config = ServerConfig(args.model_name or default_name, tokenizer, chat_format, model.args.max_seq_len,
-                              args.api_key)
+                              args.api_key, args.max_body_bytes, is_loopback(args.host))
+        if not args.api_key and not config.loopback_only:
+            log(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use it; "
+                f"set {API_KEY_ENV} or --api_key_file", file=sys.stderr)
         scheduler = Scheduler(engine.slots, args.max_queue, Metrics())
         server = start_web_server(create_app(config, scheduler), sock)
         host, port = sock.getsockname()[:2]

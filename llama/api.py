@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import hmac
 import json
 import time
 import uuid
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +34,12 @@ from llama.serving import QueueFull, Scheduler, ServerStopping, TextStream
 from llama.tokenizer import Tokenizer
 
 RETRY_AFTER_S = 1
+# `stop`: at most OpenAI's 4 strings, each at most this many characters (every new token checks
+# whether the text's end could begin one, in time that grows with their length).
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
+# Host headers a server bound to a loopback address answers (a web page's script that reaches
+# it through a DNS name rebound to 127.0.0.1 sends its own name, and is refused).
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 MAX_N = 16  # choices per prompt
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
 SEED_STRIDE = 0x9E3779B97F4A7C15  # between the seeds of a request's n choices (odd: they never repeat)
@@ -199,6 +206,10 @@ class Job:
         self.scheduler = scheduler
         self.choices = choices
         self.index = {c.request.id: i for i, c in enumerate(choices)}
+        if len(choices) > scheduler.capacity:  # would never fit: not worth a retry
+            raise APIError(400, f"prompt: {len(choices)} choices, more than this server ever holds at once "
+                           f"({scheduler.capacity} requests running or queued); ask for at most that many",
+                           param="prompt")
         try:
             self.events = scheduler.submit([c.request for c in choices], asyncio.get_running_loop())
         except QueueFull:
@@ -265,11 +276,64 @@ class ServerConfig:
     tokenizer: Tokenizer
     chat_format: ChatFormat
     max_seq_len: int
-    api_key: str | None = None
+    api_key: str | None
+    max_body_bytes: int  # larger bodies get 413 before they are read
+    loopback_only: bool  # bound to a loopback address: only LOOPBACK_HOSTS in Host
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes "
+                              "(serve.py --max_body_bytes)")
+
+
+class Gate:
+    """ASGI middleware that refuses a request before its body is read: an unexpected Host on a
+    loopback-bound server (400), a missing or wrong API key on /v1 (401), a declared body over
+    the limit (413); a body that turns out longer (chunked) ends at the limit."""
+
+    def __init__(self, app: object, config: ServerConfig) -> None:
+        self.app, self.config = app, config
+        self.expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        problem = self._problem(scope["path"], dict(scope["headers"]))
+        if problem:
+            return await error_response(problem)(scope, receive, send)
+        limit, received = self.config.max_body_bytes, 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _problem(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        if self.config.loopback_only:
+            host = headers.get(b"host", b"").decode("latin-1")
+            name = host[:host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]  # without the port
+            if name not in LOOPBACK_HOSTS:
+                return APIError(400, f"Host header {host[:100]!r} is not this server's: it listens on a loopback "
+                                "address, and answers only 127.0.0.1, localhost or [::1]", code="invalid_host")
+        if self.expected and (path == "/v1" or path.startswith("/v1/")):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                return APIError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY' with the "
+                                "server's key", code="invalid_api_key")
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            return APIError(413, BodyTooLarge(self.config.max_body_bytes).detail, code="request_too_large")
+        return None
 
 
 def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
     app = FastAPI(title="tp-llama", docs_url=None, redoc_url=None)
+    app.add_middleware(Gate, config=config)
     tokenizer = config.tokenizer
 
     @app.exception_handler(APIError)
@@ -285,18 +349,29 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: HTTPRequest, error: HTTPException) -> JSONResponse:
+        if isinstance(error, BodyTooLarge):
+            return error_response(APIError(413, error.detail, code="request_too_large"))
         message = f"{request.method} {request.url.path}: {error.detail}"
         return error_response(APIError(error.status_code, message, code=str(error.status_code)))
-
-    def authorize(request: HTTPRequest) -> None:
-        if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
-            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY' with the server's "
-                           "--api_key", code="invalid_api_key")
 
     def check_common(body: SamplingFields) -> None:
         if body.model is not None and body.model != config.model_name:
             raise APIError(404, f"model '{body.model}' does not exist; this server serves '{config.model_name}'",
                            param="model", code="model_not_found")
+        stops = stop_strings(body)
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+                           "each", param="stop")
+        for i, stop in enumerate(stops):
+            check_text(stop, f"stop[{i}]" if isinstance(body.stop, list) else "stop")
+
+    def check_text(text: str, what: str) -> None:
+        """JSON can carry half of a UTF-16 surrogate pair ("\\ud800"), which is no character."""
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{what}: not valid Unicode (a lone surrogate {text[e.start]!r} at character "
+                           f"{e.start}); send whole characters", param=what.split("[")[0]) from None
 
     def logit_bias(body: SamplingFields) -> tuple[tuple[int, float], ...]:
         pairs = []
@@ -380,13 +455,13 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(scheduler.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "tp-llama",
                 "max_model_len": config.max_seq_len, "vocab_size": tokenizer.n_words}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         check_common(body)
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
@@ -396,6 +471,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         for i, prompt in enumerate(prompts):
             what = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
             if isinstance(prompt, str):
+                check_text(prompt, what)
                 tokens = tokenizer.encode(prompt, bos=True) if prompt else []
                 text = prompt
             else:
@@ -408,7 +484,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
                       logprobs=body.logprobs is not None)
         return reply.stream(body) if body.stream else await reply.whole()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         check_common(body)
         if not body.messages:
@@ -464,6 +540,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         dialog = []
         for i, m in enumerate(body.messages):
             message = {"role": m.role, "content": m.text()}
+            check_text(message["content"], f"messages[{i}].content")
             if m.tool_calls:
                 try:
                     calls = [ToolCall(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls]

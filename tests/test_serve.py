@@ -3,13 +3,16 @@ official openai client, curl-like raw requests, concurrent clients, disconnects 
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,8 +98,10 @@ def ckpt(tmp_path_factory, small_sp_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt):
-    srv = Server(ckpt, "--api_key", API_KEY)
+def server(ckpt, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("serve_key") / "key"
+    key_file.write_text(API_KEY + "\n")
+    srv = Server(ckpt, "--api_key_file", str(key_file))
     yield srv
     out, err = srv.stop()
     assert srv.proc.returncode is not None and no_rank_traceback(err), err
@@ -117,7 +122,7 @@ def reference(ckpt, tmp_path_factory):
 
 
 def raw(server, method: str, path: str, key: str | None = API_KEY, **kwargs) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **kwargs.pop("headers", {})}
     return httpx.request(method, server.url.removesuffix("/v1") + path, headers=headers, timeout=60, **kwargs)
 
 
@@ -313,3 +318,95 @@ def test_llama2_has_no_tool_format(client, server):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}], tools=[tool])
     assert info.value.body["param"] == "tools" and "Llama 2 has no tool-call format" in info.value.body["message"]
+
+
+def exchange(server, request: bytes) -> bytes:
+    """Send raw HTTP request bytes on a socket of their own (from a thread, so that an answer
+    that comes before all of them are sent is read); the answer."""
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        def send() -> None:
+            try:
+                sock.sendall(request)
+            except OSError:  # the server answered and closed first
+                pass
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: (\d+)", head)
+        while length and len(body) < int(length[1]) and (chunk := sock.recv(65536)):
+            body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def post_head(server, length: int | str, key: str | None = None, host: str | None = None) -> bytes:
+    netloc = server.url.removeprefix("http://").removesuffix("/v1")
+    lines = [b"POST /v1/completions HTTP/1.1", b"Host: " + (host or netloc).encode(), b"Content-Type: application/json",
+             (b"Content-Length: %d" % length) if isinstance(length, int) else b"Transfer-Encoding: chunked"]
+    if key:
+        lines.append(b"Authorization: Bearer " + key.encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def test_keys_hosts_and_sizes_are_checked_before_the_body(server):
+    """The gate answers from the headers alone: a 40 MB body is refused before a byte of it is
+    sent, for want of a key (401) or for its size (413); malformed JSON without a key is 401."""
+    for key, status in ((None, b"401"), ("wrong", b"401"), (API_KEY, b"413")):
+        answer = exchange(server, post_head(server, 40_000_000, key))
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert b"larger than this server's limit of 8388608 bytes" in answer
+    assert raw(server, "POST", "/v1/completions", key=None, content=b"{not json").status_code == 401
+    # A chunked body (no declared length) is cut at the limit.
+    body = b"".join(b"%x\r\n%s\r\n" % (n, b"x" * n) for n in (8 << 20, 1)) + b"0\r\n\r\n"
+    answer = exchange(server, post_head(server, "chunked", API_KEY) + body)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # DNS rebinding: a page served from another name reaches 127.0.0.1 with its own Host.
+    answer = exchange(server, post_head(server, 2, API_KEY, host="attacker.example:8000") + b"{}")
+    assert answer.startswith(b"HTTP/1.1 400") and b"invalid_host" in answer, answer[:300]
+    assert raw(server, "GET", "/health").status_code == 200  # 127.0.0.1:PORT, as every client sends it
+
+
+def test_bounded_stop_lone_surrogates_and_impossible_prompt_lists_are_400(server):
+    def status(body):
+        response = raw(server, "POST", "/v1/completions", content=json.dumps({"max_tokens": 2, **body}).encode(),
+                       headers={"Content-Type": "application/json"})
+        return response.status_code, response.json()["error"]["message"] if response.status_code != 200 else ""
+
+    assert status({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}) == \
+        (400, "stop: at most 4 strings of at most 256 characters each")
+    assert status({"prompt": "hi", "stop": "x" * 257})[0] == 400
+    assert status({"prompt": "hi", "stop": ["a", "b", "c", "x" * 256]})[0] == 200
+    code, message = status({"prompt": "half a pair: \ud800"})  # json.dumps writes it as \\ud800
+    assert code == 400 and message.startswith("prompt: not valid Unicode (a lone surrogate '\\ud800'")
+    code, message = status({"prompt": ["hi"] * (SLOTS + QUEUE + 1)})
+    assert code == 400 and f"more than this server ever holds at once ({SLOTS + QUEUE}" in message
+
+
+def test_api_key_sources(tmp_path, monkeypatch):
+    import serve
+    from llama.errors import UserError
+
+    def key(api_key=None, api_key_file=None):
+        return serve.api_key(argparse.Namespace(api_key=api_key, api_key_file=api_key_file))
+
+    monkeypatch.delenv("LLAMA_API_KEY", raising=False)
+    assert key() is None
+    monkeypatch.setenv("LLAMA_API_KEY", "from-env")
+    assert key() == "from-env" and key(api_key="flag") == "flag"
+    (tmp_path / "key").write_text("from-file\n")
+    assert key(api_key_file=tmp_path / "key") == "from-file"
+    for empty in (dict(api_key=""), dict(api_key_file=tmp_path / "empty")):
+        (tmp_path / "empty").write_text("\n")
+        with pytest.raises(UserError, match="the API key is empty"):
+            key(**empty)
+    monkeypatch.setenv("LLAMA_API_KEY", "")
+    with pytest.raises(UserError, match="^LLAMA_API_KEY: the API key is empty"):
+        key()
+    with pytest.raises(UserError, match="not both"):
+        key(api_key="a", api_key_file=tmp_path / "key")
+    assert [serve.is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.1", "example.org")] \
+        == [True, True, True, False, False, False]
