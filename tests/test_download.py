@@ -336,3 +336,13 @@ def test_excluding_a_file_the_checklist_lists_is_reported(hub, tmp_path):
     assert_fails_with(result, "checklist.chk lists consolidated.01.pth but it was not downloaded; drop the --exclude "
                               "pattern that skips it, or pass --skip_verify")
     assert "consolidated.01.pth" not in hub.downloads()
+
+
+def test_token_from_a_file_and_an_empty_token_is_an_error(hub, tmp_path):
+    """--token shows in ps; --token_file does not. An empty token (an unset variable in
+    `--token "$T"`) is an error, not an anonymous download."""
+    (tmp_path / "token").write_text("hf_granted\n")
+    result = download(hub, tmp_path, "--model_name", "meta-llama/Llama-2-13b", "--token_file", str(tmp_path / "token"))
+    assert result.returncode == 0, result.stderr
+    assert_fails_with(download(hub, tmp_path, "--model_name", "meta-llama/Llama-2-13b", "--token", ""),
+                      "--token: the token is empty; give a token, or neither flag to use HF_TOKEN or `hf auth login`")
