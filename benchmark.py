@@ -25,7 +25,7 @@ from llama.args import ModelArgs
 from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
 from llama.distributed import Runtime, add_timeout_argument, init_runtime, log, run_cli
 from llama.errors import UserError
-from llama.generation import use_compiled_decode
+from llama.engine import use_compiled_decode
 from llama.loadgen import run_load
 from llama.model import Transformer
 from llama.shm_collectives import for_mesh
@@ -154,8 +154,8 @@ def check_sweep(configs: list[bench.Config], model_args: ModelArgs) -> None:
 def build_model(args: argparse.Namespace, runtime: Runtime, dtype_name: str, configs: list[bench.Config],
                 scheme: quantize.Scheme | None = None) -> Transformer:
     dtype = DTYPES[dtype_name]
-    # The KV cache holds max_seq_len positions and decode attends over all of them: by
-    # default size it to the longest run of the sweep, as a server would be sized for its use.
+    # Each run's pool holds its sequences whole (llama.benchmarking.engine_for); max_seq_len
+    # bounds them, by default the longest run of the sweep.
     max_seq_len = args.max_seq_len or max(c.prompt_len + c.gen_len for c in configs)
     if args.random_weights:
         largest_batch = max(c.batch_size for c in configs)

@@ -14,9 +14,10 @@ from llama.chat import CHAT_FORMATS, load_dialogs, resolve_chat_format
 from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
 from llama.demo import DEMO_PROMPTS, ensure_demo_checkpoint
 from llama.completion import complete_dialogs, complete_prompts
-from llama.distributed import add_timeout_argument, init_runtime, run_cli
+from llama.distributed import add_timeout_argument, init_runtime, log, run_cli
 from llama.errors import UserError
-from llama.generation import use_compiled_decode
+from llama.engine import Engine, use_compiled_decode
+from llama.engine.options import add_engine_arguments, check_engine_arguments, describe_pool, engine_config
 from llama.interactive import run_chat
 
 
@@ -33,9 +34,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
-    p.add_argument("--max_seq_len", type=int, help="override model_args.json")
-    p.add_argument("--max_batch_size", type=int, help="override model_args.json")
+    p.add_argument("--max_seq_len", type=int, help="longest prompt + completion; reserves nothing (default: "
+                   "model_args.json)")
+    p.add_argument("--max_batch_size", type=int, help="most prompts running at once (default: model_args.json)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster tokens)")
+    add_engine_arguments(p)
     add_timeout_argument(p)
     p.add_argument("--echo", action="store_true", help="print each prompt and its completion as one text")
     p.add_argument("--output_json", type=Path, help="also write prompts, tokens, logprobs and texts here")
@@ -53,6 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 def check_modes(args: argparse.Namespace) -> None:
     """Reject flags that the chosen mode would silently ignore, and values out of range."""
+    check_engine_arguments(args)
     if args.dialogs and args.interactive:
         raise UserError("--dialogs and --interactive are two different modes; pass one of them")
     chat = args.dialogs or args.interactive
@@ -116,17 +120,20 @@ def main() -> None:
                                       args.max_seq_len, args.max_batch_size)
     if args.compile:
         use_compiled_decode(model)
+    config = engine_config(args, model)
+    log(describe_pool(config, model))
+    engine = Engine(model, config)
     if args.interactive:
-        run_chat(model, tokenizer, resolve_chat_format(tokenizer, args.chat_format), runtime, args.max_gen_len,
+        run_chat(engine, tokenizer, resolve_chat_format(tokenizer, args.chat_format), runtime, args.max_gen_len,
                  temperature, args.top_p, args.seed, args.system)
         return
     sampling = dict(max_gen_len=args.max_gen_len, temperature=temperature, top_p=args.top_p, seed=args.seed,
                     stream=args.stream)
     if dialogs:
-        results = complete_dialogs(model, tokenizer, dialogs, resolve_chat_format(tokenizer, args.chat_format),
+        results = complete_dialogs(engine, tokenizer, dialogs, resolve_chat_format(tokenizer, args.chat_format),
                                    args.system, **sampling)
     else:
-        results = complete_prompts(model, tokenizer, prompts, args.echo, **sampling)
+        results = complete_prompts(engine, tokenizer, prompts, args.echo, **sampling)
     if args.output_json and runtime.is_main:
         args.output_json.write_text(json.dumps({"results": results}, indent=2, ensure_ascii=False) + "\n")
 

@@ -25,7 +25,8 @@ from llama.checkpoint import DEFAULT_DTYPE, DTYPES, load_converted
 from llama.demo import ensure_demo_checkpoint
 from llama.distributed import Runtime, add_timeout_argument, init_runtime, log, run_cli
 from llama.errors import UserError
-from llama.generation import Engine, use_compiled_decode
+from llama.engine import Engine, use_compiled_decode
+from llama.engine.options import add_engine_arguments, check_engine_arguments, describe_pool, engine_config
 from llama.model import Transformer
 from llama.serving import Metrics, Scheduler, run_engine_loop, warm_up
 from llama.tokenizer import Tokenizer
@@ -51,9 +52,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--model_name", help="the model id clients send (default: the checkpoint folder's name)")
-    p.add_argument("--max_batch_size", type=int, help="requests decoded together (default: model_args.json)")
-    p.add_argument("--max_seq_len", type=int, help="longest prompt + completion (default: model_args.json)")
-    p.add_argument("--max_queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--max_batch_size", type=int, help="most requests running at once (default: model_args.json)")
+    p.add_argument("--max_seq_len", type=int, help="longest prompt + completion; reserves nothing (default: "
+                   "model_args.json, or the shape's context with --random_weights)")
+    p.add_argument("--max_queue", type=int, default=64, help="requests that may wait to be admitted; more get 503")
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiled at start)")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1 routes (visible in ps: prefer "
@@ -62,8 +64,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413 before they are read (default: %(default)s)")
     p.add_argument("--chat_format", choices=CHAT_FORMATS, help="default: the tokenizer's family")
+    add_engine_arguments(p)
     add_timeout_argument(p)
     args = p.parse_args()
+    check_engine_arguments(args)
     if sum(map(bool, (args.converted_ckpt_dir, args.demo, args.random_weights))) != 1:
         raise UserError("pass one of --converted_ckpt_dir DIR, --demo or --random_weights SHAPE")
     if args.random_weights and not args.tokenizer_path:
@@ -116,7 +120,7 @@ def load_model(args: argparse.Namespace, runtime: Runtime) -> tuple[Transformer,
     dtype = DTYPES[args.dtype]
     if args.random_weights:
         tokenizer = Tokenizer(args.tokenizer_path)
-        model_args = bench.random_model_args(args.random_weights, args.max_seq_len or 2048, args.max_batch_size or 8,
+        model_args = bench.random_model_args(args.random_weights, args.max_seq_len, args.max_batch_size or 8,
                                              args.dtype)
         if tokenizer.n_words != model_args.vocab_size:
             raise UserError(f"--tokenizer_path {args.tokenizer_path}: {tokenizer.n_words} tokens, but "
@@ -174,23 +178,25 @@ def main() -> None:
     chat_format = resolve_chat_format(tokenizer, args.chat_format)
     if args.compile:
         use_compiled_decode(model)
-    engine = Engine(model, model.args.max_batch_size, tokenizer)
+    config = engine_config(args, model)
+    log(describe_pool(config, model))
+    engine = Engine(model, config, tokenizer)
     log(f"warm-up{' (compiling the decode step)' if args.compile else ''}: {warm_up(engine):.1f} s")
     sock = bind(args.host, args.port, runtime)
     scheduler = server = None
     if runtime.is_main:
         from llama.api import ServerConfig, create_app
 
-        config = ServerConfig(args.model_name or default_name, tokenizer, chat_format, model.args.max_seq_len,
-                              args.api_key, args.max_body_bytes, is_loopback(args.host))
-        if not args.api_key and not config.loopback_only:
+        server_config = ServerConfig(args.model_name or default_name, tokenizer, chat_format, engine.max_seq_len,
+                                     engine.capacity_tokens, args.api_key, args.max_body_bytes, is_loopback(args.host))
+        if not args.api_key and not server_config.loopback_only:
             log(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use it; "
                 f"set {API_KEY_ENV} or --api_key_file", file=sys.stderr)
-        scheduler = Scheduler(engine.slots, args.max_queue, Metrics())
-        server = start_web_server(create_app(config, scheduler), sock)
+        scheduler = Scheduler(engine.max_num_seqs, args.max_queue, Metrics())
+        server = start_web_server(create_app(server_config, scheduler), sock)
         host, port = sock.getsockname()[:2]
-        log(f"serving {config.model_name} at http://{host}:{port}/v1 (TP={runtime.world_size}, "
-            f"max_batch_size {engine.slots}, max_seq_len {model.args.max_seq_len}, {args.dtype} on "
+        log(f"serving {server_config.model_name} at http://{host}:{port}/v1 (TP={runtime.world_size}, "
+            f"max_batch_size {engine.max_num_seqs}, max_seq_len {model.args.max_seq_len}, {args.dtype} on "
             f"{runtime.device.type})")
     try:
         run_engine_loop(engine, runtime, scheduler)

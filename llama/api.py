@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from llama.chat import (PYTHON_TAG, ChatFormat, ToolCall, chat_stop_ids, dialog_problem, encode_dialog,
                         encode_tool_dialog, parse_tool_call, refusal, tool_call_schema, tool_dialog_problem)
-from llama.generation import FINISH_CANCELLED, Request, SamplingParams, TokenEvent
+from llama.engine import FINISH_CANCELLED, Request, SamplingParams, TokenEvent
 from llama.logits_processing import MAX_TOP_LOGPROBS, LogitsParams
 from llama.structured import ANY_JSON_OBJECT, GrammarError, choice_grammar, json_schema_grammar, regex_grammar
 from llama.serving import QueueFull, Scheduler, ServerStopping, TextStream
@@ -276,6 +276,7 @@ class ServerConfig:
     tokenizer: Tokenizer
     chat_format: ChatFormat
     max_seq_len: int
+    kv_cache_tokens: int  # the whole KV cache pool: no prompt longer than it can ever run
     api_key: str | None
     max_body_bytes: int  # larger bodies get 413 before they are read
     loopback_only: bool  # bound to a loopback address: only LOOPBACK_HOSTS in Host
@@ -433,6 +434,10 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
             raise APIError(400, f"{what} has {len(prompt)} tokens, but this server's max_seq_len is "
                            f"{config.max_seq_len} (a prompt must leave room for at least one new token); "
                            "shorten it", param=what.split("[")[0], code="context_length_exceeded")
+        if len(prompt) >= config.kv_cache_tokens:
+            raise APIError(400, f"{what} has {len(prompt)} tokens, but this server's KV cache holds "
+                           f"{config.kv_cache_tokens} tokens in all (a prompt must leave room for at least one new "
+                           "token); shorten it", param=what.split("[")[0], code="context_length_exceeded")
         seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
         stop_ids = frozenset() if body.ignore_eos else stop_ids
         choices = []

@@ -28,7 +28,8 @@ from llama import cpu_linear, quantize, shm_collectives
 from llama.args import ModelArgs
 from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
-from llama.generation import generate, single_row_kernels
+from llama.engine import Engine, EngineConfig, generate, single_row_kernels
+from llama.engine.engine import DEFAULT_BLOCK_SIZE
 from llama.model import Transformer
 from llama.parallel import build_sharded, local_kv_heads
 
@@ -324,16 +325,30 @@ def random_prompts(config: Config, vocab_size: int, seed: int) -> list[list[int]
     return torch.randint(0, vocab_size, (config.batch_size, config.prompt_len), generator=g).tolist()
 
 
-def time_generate(model: Transformer, prompts: list[list[int]], gen_len: int) -> Trial:
+def engine_for(model: Transformer, config: Config) -> Engine:
+    """A fresh engine (an empty prefix cache: every trial computes its prompts) whose pool holds
+    the configuration's sequences whole and whose first step prefills every prompt, so that the
+    time to the first token is one step."""
+    return Engine(model, EngineConfig(max_num_seqs=config.batch_size, prefix_caching=False,
+                                      prefill_chunk=config.batch_size * config.prompt_len))
+
+
+def pool_tokens(model: Transformer, config: Config) -> int:
+    """The tokens engine_for's pool holds, with the runner's scratch block."""
+    block = DEFAULT_BLOCK_SIZE
+    return (config.batch_size * -(-model.args.max_seq_len // block) + 1) * block
+
+
+def time_generate(engine: Engine, prompts: list[list[int]], gen_len: int) -> Trial:
     """One greedy generate() of exactly gen_len tokens, timed through its streaming hook
     (called right after each step's single host sync)."""
     stamps: list[float] = []
     dist.barrier()
     start = time.perf_counter()
-    generate(model, prompts, gen_len, stop_ids=frozenset(), temperature=0.0,
+    generate(engine, prompts, gen_len, stop_ids=frozenset(), temperature=0.0,
              on_tokens=lambda _: stamps.append(time.perf_counter()))
     ttft, *steps = max_over_ranks([stamps[0] - start] + [b - a for a, b in zip(stamps, stamps[1:])],
-                                   model.output.weight.device)  # the slowest rank's times are the group's
+                                   engine.runner.device)  # the slowest rank's times are the group's
     return Trial(ttft, steps)
 
 
@@ -379,7 +394,7 @@ def run_config(model: Transformer, config: Config, warmup: int, trials: int, bas
     result = Measurement(config)
     for i in range(warmup + trials):
         with memory.measuring():
-            ours = time_generate(model, prompts, config.gen_len)
+            ours = time_generate(engine_for(model, config), prompts, config.gen_len)
         theirs = _time_baseline(hf_model, prompts, config.gen_len, hf_threads) if baseline else None
         if i >= warmup:
             result.trials.append(ours)
@@ -410,9 +425,12 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
     (collective: all ranks call it)."""
     config, tp = measured.config, dist.get_world_size()
     element_size = model.tok_embeddings.weight.element_size()  # the activations' (output may be quantized)
-    # Decode attention reads the whole static cache under a mask, except llama.cpu_linear's on
-    # CPU, which reads each row up to its position: on average the prompt and half the output.
-    attended = model.args.max_seq_len
+    # Decode attention reads each sequence's blocks: llama.cpu_linear's on CPU up to its position,
+    # on average the prompt and half the output; elsewhere (torch's) its whole block table, a
+    # power of two of blocks that covers the longest sequence.
+    block = DEFAULT_BLOCK_SIZE
+    blocks = -(-(config.prompt_len + config.gen_len) // block)
+    attended = min(1 << (blocks - 1).bit_length(), -(-model.args.max_seq_len // block)) * block
     if model.tok_embeddings.weight.device.type == "cpu" and cpu_linear.has_decode_attention():
         attended = config.prompt_len + config.gen_len // 2
     bytes_per_step = tp * decode_bytes_per_step(model.args, tp, config.batch_size, attended, element_size)
@@ -425,8 +443,7 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
         "bytes_per_decode_step": bytes_per_step,
         "roofline": roofline(bytes_per_step, step_s, ceiling["ceiling_gb_per_s"] * 1e9),
         "weight_bytes_per_rank": weight_bytes(model),
-        "kv_cache_bytes_per_rank": kv_cache_bytes(model.args, tp, config.batch_size, model.args.max_seq_len,
-                                                  element_size),
+        "kv_cache_bytes_per_rank": model.kv_cache_bytes_per_token() * pool_tokens(model, config),
         "peak_memory_per_rank": peaks,
         # The largest rank's peak: CUDA max allocated, or peak RSS on CPU.
         "peak_memory_bytes": max(next(iter(p.values())) for p in peaks),

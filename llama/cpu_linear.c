@@ -181,15 +181,29 @@ static inline v8f exp_nonpositive(v8f x) {
     return select8(underflow, (v8f){0}, y * (v8f)two_n);
 }
 
-/* Rows t0..t0+7 of a head's keys or values (D elements each, from element base, bfloat16 or
- * float32) into out (8 x D float32); rows from `rows` on, past the row's position, as zeros. */
-static void to_float_rows(const void *p, int64_t base, int64_t t0, int64_t rows, int64_t D, int bf16, float *out) {
-    for (int64_t t = 0; t < 8; t++)
+/* A cache of blocks (blocks x KVH x BS x D): where position t of a sequence's key/value head
+ * `head` starts, following the sequence's block table. */
+typedef struct {
+    const int64_t *table;
+    int64_t KVH, BS, D, head;
+} paged_head;
+
+static inline int64_t position_offset(const paged_head *h, int64_t t) {
+    return ((h->table[t / h->BS] * h->KVH + h->head) * h->BS + t % h->BS) * h->D;
+}
+
+/* Positions t0..t0+7 of a head's keys or values (bfloat16 or float32) into out (8 x D float32);
+ * positions from `rows` on, past the sequence's position, as zeros. */
+static void to_float_rows(const void *p, const paged_head *h, int64_t t0, int64_t rows, int bf16, float *out) {
+    int64_t D = h->D;
+    for (int64_t t = 0; t < 8; t++) {
+        int64_t base = t0 + t < rows ? position_offset(h, t0 + t) : 0;
         for (int64_t d = 0; d < D; d += 8) {
-            int64_t i = base + (t0 + t) * D + d;
+            int64_t i = base + d;
             v8f f = t0 + t >= rows ? (v8f){0} : bf16 ? load_bf16((const uint16_t *)p + i) : load_f32((const float *)p + i);
             memcpy(out + t * D + d, &f, sizeof f);
         }
+    }
 }
 
 /* The sums of d[0], ..., d[7], in order: a transposing reduction (21 shuffles and adds, where
@@ -206,18 +220,20 @@ static inline v8f sums8(const v8f d[8]) {
            __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* out (B x H x D) = attention of q (B x H x D) over cache rows 0..B-1 of k and v (rows x KVH x S
- * x D, contiguous), query head h reading key/value head h / (H / KVH); q, out bfloat16 (qbf16)
- * or float32, the cache bfloat16 (cbf16) or float32. D a multiple of 8. Positions past S - 1
- * count as S - 1. Returns 0, or -1 if out of memory. */
+/* out (B x H x D) = attention of q (B x H x D) over the cache k and v (blocks x KVH x BS x D,
+ * contiguous): sequence b's positions 0..positions[b] are in the blocks tables[b * W ...], BS
+ * positions a block; query head h reads key/value head h / (H / KVH). q, out bfloat16 (qbf16)
+ * or float32, the cache bfloat16 (cbf16) or float32. D a multiple of 8; positions[b] < W * BS.
+ * Returns 0, or -1 if out of memory. */
 int decode_attention(const void *q, int qbf16, const void *k, const void *v, int cbf16, int64_t B, int64_t H,
-                     int64_t KVH, int64_t S, int64_t D, const int64_t *positions, float scale, void *out,
-                     int threads) {
+                     int64_t KVH, int64_t BS, int64_t D, const int64_t *positions, const int64_t *tables, int64_t W,
+                     float scale, void *out, int threads) {
     int64_t G = H / KVH, failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : failed)
     for (int64_t task = 0; task < B * KVH; task++) {
         int64_t b = task / KVH, head = task % KVH;
-        int64_t L = positions[b] < 0 ? 1 : positions[b] < S ? positions[b] + 1 : S, Lp = (L + 7) / 8 * 8;
+        int64_t L = positions[b] < 0 ? 1 : positions[b] + 1, Lp = (L + 7) / 8 * 8;
+        paged_head h = {tables + b * W, KVH, BS, D, head};
         /* queries, outputs, scores, 8 rows of keys or values */
         float *scratch = malloc((size_t)(G * (2 * D + Lp) + 8 * D) * sizeof(float));
         if (!scratch) {
@@ -231,9 +247,8 @@ int decode_attention(const void *q, int qbf16, const void *k, const void *v, int
                 qf[g * D + d] = element_at(q, i, qbf16);
                 acc[g * D + d] = 0;
             }
-        int64_t base = (b * KVH + head) * S * D; /* this head's keys and values */
         for (int64_t t0 = 0; t0 < Lp; t0 += 8) { /* 8 positions' scores at a time */
-            to_float_rows(k, base, t0, L, D, cbf16, rows); /* once for the G query heads */
+            to_float_rows(k, &h, t0, L, cbf16, rows); /* once for the G query heads */
             for (int64_t g = 0; g < G; g++) {
                 v8f dot[8] = {{0}};
                 for (int64_t d = 0; d < D; d += 8) { /* 8 independent sums: FMA latency is hidden */
@@ -256,7 +271,7 @@ int decode_attention(const void *q, int qbf16, const void *k, const void *v, int
             for (int64_t t = 0; t < L; t++) s[t] /= total;
         }
         for (int64_t t0 = 0; t0 < Lp; t0 += 8) {
-            to_float_rows(v, base, t0, L, D, cbf16, rows);
+            to_float_rows(v, &h, t0, L, cbf16, rows);
             for (int64_t g = 0; g < G; g++) {
                 float weight[8]; /* local: the stores to acc below cannot change them */
                 memcpy(weight, scores + g * Lp + t0, sizeof weight);

@@ -25,9 +25,9 @@ core: no faster than streaming bf16); many rows as float32 GEMMs on dequantized 
 as above.
 
 The same library holds the decode step's attention on CPU (decode_attention, any CPU where it
-builds): each row's query against its cached keys and values up to its position, read once as
-stored, where torch's version converts the whole cache to float32 and multiplies every
-position under a mask (0.08 against 0.28-0.39 ms a layer at a 256-token cache, AVX2 EPYC).
+builds): each sequence's query against its cached keys and values up to its position, found
+through its block table and read once as stored, where torch's version converts the whole cache
+to float32 and multiplies every position under a mask (0.08 against 0.28-0.39 ms a layer at a 256-token cache, AVX2 EPYC).
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def _library() -> ctypes.CDLL | None:
         lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int]
         lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int]
         lib.dequantize_rows.restype = None
-        lib.decode_attention.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, ctypes.c_float,
-                                         ptr, c_int]
+        lib.decode_attention.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64,
+                                         ctypes.c_float, ptr, c_int]
     return lib
 
 
@@ -209,23 +209,28 @@ def decode_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
             and q.shape[-1] % 8 == 0 and k.is_contiguous() and v.is_contiguous() and has_decode_attention())
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """llama.model.one_query_attention through cpu_linear.c: q (batch, heads, 1, head_dim) against
-    cache rows 0..batch-1 of k, v (rows, kv_heads, seq, head_dim), keys 0..positions[b] of row b."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """llama.model.paged_decode_attention through cpu_linear.c: q (batch, heads, 1, head_dim) against
+    the cache blocks k, v (blocks, kv_heads, block_size, head_dim), keys 0..positions[b] of sequence
+    b in the blocks block_tables[b] (batch, width)."""
     if torch.compiler.is_compiling():
-        return torch.ops.tp_llama.decode_attention(q, k, v, positions)
-    return _decode_attention(q, k, v, positions)
+        return torch.ops.tp_llama.decode_attention(q, k, v, block_tables, positions)
+    return _decode_attention(q, k, v, block_tables, positions)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
     bsz, n_heads, _, head_dim = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
     positions = positions.reshape(bsz).to(torch.int64).contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
     if _library().decode_attention(q.data_ptr(), q.dtype == torch.bfloat16, k.data_ptr(), v.data_ptr(),
                                    k.dtype == torch.bfloat16, bsz, n_heads, k.shape[1], k.shape[2], head_dim,
-                                   positions.data_ptr(), head_dim**-0.5, out.data_ptr(), torch.get_num_threads()) != 0:
-        raise MemoryError(f"attention scores of {k.shape[2]} positions")
+                                   positions.data_ptr(), tables.data_ptr(), tables.shape[1], head_dim**-0.5,
+                                   out.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"attention scores of {int(positions.max()) + 1} positions")
     return out
 
 
@@ -240,12 +245,13 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-_OPS.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor positions) -> Tensor")
+_OPS.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor positions) -> Tensor")
 _OPS.impl("decode_attention", _decode_attention, "CPU")
 
 
 @torch.library.register_fake("tp_llama::decode_attention")
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tables: torch.Tensor,
+      positions: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from llama.chat import ChatFormat, Dialog, chat_stop_ids, encode_dialog, forbidden_tags, with_system
 from llama.distributed import Runtime, log
+from llama.engine import Engine
 from llama.errors import UserError
-from llama.model import Transformer
 from llama.streaming import stream_completion
 from llama.tokenizer import Tokenizer
 
@@ -185,10 +185,10 @@ class CtrlC:
                 return shared[0]
 
 
-def run_chat(model: Transformer, tokenizer: Tokenizer, chat_format: ChatFormat, runtime: Runtime,
+def run_chat(engine: Engine, tokenizer: Tokenizer, chat_format: ChatFormat, runtime: Runtime,
              max_gen_len: int, temperature: float, top_p: float, seed: int, system: str | None = None) -> None:
     """Chat until /exit, end of input or Ctrl-C; every rank must call it."""
-    session = ChatSession(tokenizer, chat_format, model.args.max_seq_len, max_gen_len, system)
+    session = ChatSession(tokenizer, chat_format, engine.max_seq_len, max_gen_len, system)
     stop_ids = chat_stop_ids(tokenizer, chat_format)
     lines = StdinLines(sys.stdin.fileno()) if runtime.is_main else None
     log(f"chat ({chat_format} format, max_seq_len {session.max_seq_len}); commands: {COMMANDS}")
@@ -203,7 +203,7 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat_format: ChatFormat, 
                 continue
             try:
                 # A new seed each turn, the same on every rank: replies do not share one random stream.
-                reply = stream_completion(model, tokenizer, prompt_tokens, max_gen_len, stop_ids, temperature, top_p,
+                reply = stream_completion(engine, tokenizer, prompt_tokens, max_gen_len, stop_ids, temperature, top_p,
                                           seed + turn, after_step=ctrl_c.raise_if_pressed)
             except SessionInterrupted:
                 break

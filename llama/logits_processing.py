@@ -2,10 +2,11 @@
 and the top log-probabilities a request asks to see.
 
 The transforms are pure tensor functions over every row of a step, so they run inside the
-(compiled) step on the device. A row that asks for nothing gets the identity (penalties 0,
-repetition 1, bias 0, every token allowed), exactly, so its tokens do not change. Their
-per-row state (token counts, bias, allowed-token bitmask) lives in `LogitsProcessor`, one row
-per engine slot, with fixed shapes: a new request never makes the step recompile.
+(compiled) sampling step on the device. A row that asks for nothing gets the identity
+(penalties 0, repetition 1, bias 0, every token allowed), exactly, so its tokens do not change.
+Their per-row state (token counts, bias, allowed-token bitmask) lives in `LogitsProcessor`, one
+row per running sequence (llama.engine.sampler hands them out), with fixed shapes: a new
+request never makes the step recompile.
 """
 
 from __future__ import annotations
@@ -136,10 +137,11 @@ class LogitsProcessor:
         """Whether any of these slots changes its logits (else the step skips processing)."""
         return any(self.rows[s] is not None for s in slots)
 
-    def inputs(self, slots: slice) -> LogitsInputs:
-        """The processing tensors of a run of slots for this step (the bitmask is computed now)."""
+    def inputs(self, slots: list[int]) -> LogitsInputs:
+        """The processing tensors of these slots, in this order, for this step (the bitmask is
+        computed now)."""
         self.bitmask[slots] = -1
-        for slot in range(*slots.indices(self.slots)):
+        for slot in set(slots):
             row = self.rows[slot]
             if row is None:
                 continue
@@ -148,7 +150,8 @@ class LogitsProcessor:
             if row.generated < row.params.min_tokens:
                 for stop in row.stop_ids:
                     self.bitmask[slot, stop // 32] &= ~_bit(stop % 32)
-        return LogitsInputs(self.counts[slots], self.seen[slots], self.penalties[slots], self.bias[slots],
+        index = torch.tensor(slots, device=self.device)
+        return LogitsInputs(self.counts[index], self.seen[index], self.penalties[index], self.bias[index],
                             self.bitmask[slots].to(self.device, non_blocking=True))
 
     def accept(self, sampled: dict[int, int]) -> set[int]:

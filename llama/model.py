@@ -1,4 +1,4 @@
-"""The Llama 2 / Llama 3.x transformer, with Meta's semantics and a static KV cache.
+"""The Llama 2 / Llama 3.x transformer, with Meta's semantics and a paged KV cache.
 
 The model knows nothing about parallelism: `llama.parallel` shards its linear layers and
 tells each attention module how many heads it holds locally. Parameter names match the
@@ -8,6 +8,7 @@ keys of Meta's checkpoints, so a state dict maps one to one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,20 +71,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos[:, :, None] + swapped * sin[:, :, None]).type_as(x)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per sequence (a decode step) against its cache row, up to its position.
+@dataclass
+class PagedBatch:
+    """Where a forward's tokens sit in the paged KV cache (built by llama.engine.model_runner).
 
-    q: (batch, heads, 1, head_dim); k, v: (batch, kv_heads, seq, head_dim); positions: (batch, 1).
-    On CPU, llama.cpu_linear's kernel, which reads each cached key and value once and only up to
-    the position; elsewhere (and where it does not build) torch_one_query_attention."""
-    if cpu_linear.decode_attention_applies(q, k, v):
-        return cpu_linear.decode_attention(q, k, v, positions)
-    mask = torch.arange(k.shape[2], device=q.device) <= positions
-    return torch_one_query_attention(q, k, v, mask[:, None, None, :])
+    positions, slots: (tokens,), each token's position in its sequence and the cache slot
+    (block * block_size + offset) its keys and values are written to. block_tables:
+    (sequences, width), each sequence's blocks in order (unused entries are any valid block).
+    query_lens and context_lens: for a prefill, each sequence's new tokens (laid out one
+    sequence after another) and its length once they are in; None for a decode step, where
+    each sequence has one token, at `positions`."""
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    block_tables: torch.Tensor
+    query_lens: list[int] | None = None
+    context_lens: list[int] | None = None
 
 
-def torch_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """one_query_attention in torch operators, over the whole cache row under mask (batch, 1, 1, seq).
+def paged_decode_attention(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor,
+                           positions: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per sequence (a decode step) against its cached keys, up to its position.
+
+    q: (batch, heads, 1, head_dim); block_tables: (batch, width); positions: (batch,).
+    On CPU, llama.cpu_linear's kernel, which follows the block table and reads each cached key
+    and value once, only up to the position; elsewhere (and where it does not build)
+    torch_paged_decode_attention."""
+    if cpu_linear.decode_attention_applies(q, cache.k, cache.v):
+        return cpu_linear.decode_attention(q, cache.k, cache.v, block_tables, positions)
+    return torch_paged_decode_attention(q, cache, block_tables, positions)
+
+
+def torch_paged_decode_attention(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor,
+                                 positions: torch.Tensor) -> torch.Tensor:
+    """paged_decode_attention in torch operators: each sequence's blocks gathered into one row,
+    attended under a mask up to its position (reads block_tables' whole width).
 
     Query heads are grouped under the key/value head they share, so grouped-query attention
     reads each cached head once, as a batched matrix product, instead of repeating K/V per
@@ -92,7 +114,9 @@ def torch_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     one query (measured: 1 ms vs 0.08 ms a layer at a 256-token cache) and bf16 batched
     products are slow there. On GPU they stay in the cache's dtype with a float32 softmax."""
     bsz, n_heads, _, head_dim = q.shape
+    k, v = (cache.gather(t, block_tables) for t in (cache.k, cache.v))  # (batch, kv_heads, width * block, dim)
     n_kv_heads = k.shape[1]
+    mask = (torch.arange(k.shape[2], device=q.device) <= positions[:, None])[:, None, None, :]
     compute = torch.float32 if q.device.type == "cpu" else q.dtype
     grouped = q.to(compute).view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)
     scores = (grouped @ k.to(compute).transpose(-1, -2)).float() * head_dim**-0.5
@@ -101,25 +125,57 @@ def torch_one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(bsz, n_heads, 1, head_dim).type_as(q)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values, (rows, kv_heads, max_seq_len, head_dim), written in place.
-    Each row holds one sequence (a batch slot), at its own positions."""
+def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                            batch: PagedBatch) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens (q, k, v: (1, heads, tokens, head_dim), the
+    sequences one after another) over its cached prefix and themselves.
 
-    def __init__(self, rows: int, n_kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype,
+    A sequence starting at position 0 attends only to its own keys (the fused kernels, no cache
+    read: what a whole prompt's prefill always was); one continuing a cached prefix (a later
+    chunk, or a prompt whose first blocks the prefix cache held) reads its blocks back."""
+    outputs, start = [], 0
+    for i, (n, length) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        qi = q[:, :, start:start + n]
+        gqa = q.shape[1] != k.shape[1]
+        if n == length:
+            ki, vi = k[:, :, start:start + n], v[:, :, start:start + n]
+            outputs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa))
+        else:
+            table = batch.block_tables[i:i + 1]
+            ki, vi = (cache.gather(t, table)[:, :, :length] for t in (cache.k, cache.v))
+            query_positions = torch.arange(length - n, length, device=q.device)
+            mask = torch.arange(length, device=q.device) <= query_positions[:, None]
+            outputs.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=gqa))
+        start += n
+    return torch.cat(outputs, dim=2)
+
+
+class KVCache(nn.Module):
+    """One layer's pool of key and value blocks, (blocks, kv_heads, block_size, head_dim) each,
+    written in place. A sequence's keys are spread over the blocks of its block table."""
+
+    def __init__(self, blocks: int, n_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
-        shape = (rows, n_kv_heads, seq_len, head_dim)
+        shape = (blocks, n_kv_heads, block_size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("all_rows", torch.arange(rows, device=device), persistent=False)
 
-    def write(self, rows: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """rows: (batch,), None for rows 0..batch-1 (a decode step); positions: (batch, seq);
-        k, v: (batch, seq, kv_heads, head_dim)."""
-        if rows is None:
-            rows = self.all_rows[:k.shape[0]]
-        self.k[rows[:, None], :, positions] = k
-        self.v[rows[:, None], :, positions] = v
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots: (tokens,); k, v: (tokens, kv_heads, head_dim)."""
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        self.k[blocks, :, offsets] = k
+        self.v[blocks, :, offsets] = v
+
+    @staticmethod
+    def gather(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """The blocks of each table laid end to end: (sequences, kv_heads, width * block_size, head_dim)."""
+        blocks = pool[block_tables]  # (sequences, width, kv_heads, block_size, head_dim)
+        return blocks.transpose(1, 2).flatten(2, 3)
 
 
 class Attention(nn.Module):
@@ -138,10 +194,10 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                rows: torch.Tensor | None) -> torch.Tensor:
-        """With `rows`, x is whole sequences from position 0 (prefill), written to those cache
-        rows; without, x is one token per cache row at `positions` (a decode step)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch | None) -> torch.Tensor:
+        """Without `batch`, x is whole sequences from position 0 and no cache is used (training,
+        parity checks); with it, x's keys and values go to the cache and attention reads it:
+        x (1, tokens, dim) for a prefill, (sequences, 1, dim) for a decode step."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -152,16 +208,16 @@ class Attention(nn.Module):
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        decoding = rows is None
-        if self.kv_cache is not None:
-            self.kv_cache.write(rows, positions, k, v)
+        if batch is not None:
+            self.kv_cache.write(batch.slots, k.flatten(0, 1), v.flatten(0, 1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if decoding:
-            y = one_query_attention(q, self.kv_cache.k, self.kv_cache.v, positions)
+        gqa = self.n_heads != self.n_kv_heads
+        if batch is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif batch.query_lens is None:
+            y = paged_decode_attention(q, self.kv_cache, batch.block_tables, batch.positions)
         else:
-            # A prompt attends only to itself: causal attention over its own keys, which
-            # keeps the fused (flash / memory-efficient) kernels and reads no cache.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+            y = paged_prefill_attention(q, k, v, self.kv_cache, batch)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -187,9 +243,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                rows: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, rows)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, batch)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -203,56 +258,61 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     @property
-    def cache_rows(self) -> int:
-        """How many sequences the KV cache holds (0 before setup_caches)."""
+    def kv_cache_shape(self) -> tuple[int, int]:
+        """(blocks, block_size) of the KV cache pool, (0, 0) before setup_kv_cache."""
         cache = self.layers[0].attention.kv_cache
-        return 0 if cache is None else cache.k.shape[0]
+        return (0, 0) if cache is None else (cache.k.shape[0], cache.block_size)
 
-    def setup_caches(self, rows: int) -> None:
-        """Allocate, once, KV caches for `rows` sequences of up to max_seq_len tokens and the
-        rotary tables; call after the weights are materialized. Calling it again with the
-        same size keeps the same tensors, so a compiled decode step (and its CUDA graph)
-        stays valid across generations."""
-        if rows == self.cache_rows:
+    def kv_cache_bytes_per_token(self) -> int:
+        """What one token's keys and values take in this rank's cache, over all layers."""
+        attn = self.layers[0].attention
+        return 2 * len(self.layers) * attn.n_kv_heads * attn.head_dim * self.tok_embeddings.weight.element_size()
+
+    def setup_kv_cache(self, blocks: int, block_size: int) -> None:
+        """Allocate, once, a pool of `blocks` KV blocks of `block_size` tokens per layer and the
+        rotary tables; call after the weights are materialized. Calling it again with the same
+        shape keeps the same tensors, so a compiled decode step (and its CUDA graph) stays valid."""
+        if (blocks, block_size) == self.kv_cache_shape:
             return
         weight = self.tok_embeddings.weight  # never quantized: its dtype is the activations'
         device, dtype = weight.device, weight.dtype
+        for layer in self.layers:  # the old pool goes before the new one is allocated
+            layer.attention.kv_cache = None
         cos, sin = rope_tables(rope_frequencies(self.args).to(device))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         for layer in self.layers:
             attn = layer.attention
-            attn.kv_cache = KVCache(rows, attn.n_kv_heads, self.args.max_seq_len, attn.head_dim, dtype, device)
+            attn.kv_cache = KVCache(blocks, attn.n_kv_heads, block_size, attn.head_dim, dtype, device)
 
-    def forward(self, tokens: torch.Tensor, cache_rows: torch.Tensor | None = None,
-                all_logits: bool = False) -> torch.Tensor:
-        """Whole sequences from position 0 (a prompt's prefill, or training): tokens (batch, seq).
-        With caches set up, their keys and values are written to `cache_rows` (default: rows
-        0..batch-1). Returns float32 logits for the last position, (batch, 1, vocab), or for
-        every position if `all_logits`."""
-        bsz, seqlen = tokens.shape
-        positions = torch.arange(seqlen, device=tokens.device)[None].expand(bsz, -1)
-        if cache_rows is None:
-            cache_rows = torch.arange(bsz, device=tokens.device)
-        cos, sin = self._rotary_tables(tokens.device)
+    def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Whole sequences from position 0, without the KV cache (training, parity checks):
+        tokens (batch, seq). Returns float32 logits for the last position, (batch, 1, vocab),
+        or for every position if `all_logits`."""
+        seqlen = tokens.shape[1]
+        cos, sin = rope_tables(rope_frequencies(self.args)[:seqlen].to(tokens.device))
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos[None, :seqlen], sin[None, :seqlen], positions, cache_rows)
+            h = layer(h, cos[None], sin[None], None)
         if not all_logits:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
-    def _rotary_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache_rows:  # allocated with the caches
-            return self.rope_cos, self.rope_sin
-        return rope_tables(rope_frequencies(self.args).to(device))  # training: no caches
+    def prefill(self, tokens: torch.Tensor, batch: PagedBatch, last: torch.Tensor) -> torch.Tensor:
+        """New tokens of one or more sequences, one after another, (tokens,), written to the cache
+        at batch.slots. Returns float32 logits (len(last), vocab) at the token indices `last`."""
+        cos, sin = self.rope_cos[batch.positions][None], self.rope_sin[batch.positions][None]
+        h = self.tok_embeddings(tokens[None])
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch)
+        return self.output(self.norm(h[0, last])).float()
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decode step for every cache row: tokens and positions (rows,). Returns float32
-        logits (rows, vocab). Rows compute independently, so a sequence's result does not
-        depend on what the other rows hold."""
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+    def decode(self, tokens: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """One decode step: one token per sequence, tokens (sequences,). Returns float32 logits
+        (sequences, vocab). Sequences compute independently, so one's result does not depend on
+        what the others hold."""
+        cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
         h = self.tok_embeddings(tokens[:, None])
         for layer in self.layers:
-            h = layer(h, cos, sin, positions[:, None], None)
+            h = layer(h, cos, sin, batch)
         return self.output(self.norm(h))[:, 0].float()

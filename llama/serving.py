@@ -22,7 +22,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llama.distributed import Runtime, stop_cleanly_on_sigterm
-from llama.generation import Engine, Request, SamplingParams, TokenEvent
+from llama.engine import Engine, EngineStats, Request, SamplingParams, TokenEvent
 from llama.logits_processing import LogitsParams
 from llama.streaming import IncrementalDecoder
 from llama.tokenizer import Tokenizer
@@ -62,9 +62,18 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         prefix = "tp_llama:"
-        self.running = Gauge(prefix + "num_requests_running", "Requests decoding in a batch slot",
+        self.running = Gauge(prefix + "num_requests_running", "Requests holding KV cache blocks",
                              registry=self.registry)
-        self.waiting = Gauge(prefix + "num_requests_waiting", "Requests waiting for a slot", registry=self.registry)
+        self.waiting = Gauge(prefix + "num_requests_waiting", "Requests waiting to be admitted",
+                             registry=self.registry)
+        self.kv_cache_usage = Gauge(prefix + "kv_cache_usage_perc", "Fraction of the KV cache pool's blocks in use",
+                                    registry=self.registry)
+        self.prefix_queries = Counter(prefix + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=self.registry)
+        self.prefix_hits = Counter(prefix + "prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   registry=self.registry)
+        self.preemptions = Counter(prefix + "num_preemptions", "Sequences preempted for room, to be recomputed",
+                                   registry=self.registry)
         self.prompt_tokens = Counter(prefix + "prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
         self.generation_tokens = Counter(prefix + "generation_tokens", "Tokens generated", registry=self.registry)
         self.requests = Counter(prefix + "request_success", "Requests finished, by reason", ["finished_reason"],
@@ -94,14 +103,14 @@ class Subscription:
 class Scheduler:
     """Rank 0's side: takes requests from handlers (any thread) and gives each step its plan."""
 
-    def __init__(self, slots: int, max_queue: int, metrics: Metrics) -> None:
-        self.capacity = slots + max_queue
+    def __init__(self, max_running: int, max_queue: int, metrics: Metrics) -> None:
+        self.capacity = max_running + max_queue
         self.metrics = metrics
         self._ids = itertools.count()
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._live: dict[int, Subscription] = {}  # submitted, not yet finished
-        self.running = 0  # requests in a batch slot after the last step
+        self.running = 0  # requests holding KV cache blocks after the last step
         self.stopping = threading.Event()
 
     def new_id(self) -> int:
@@ -167,6 +176,18 @@ class Scheduler:
                     self.metrics.e2e.observe(now - sub.arrival)
                 sub.push(event)
 
+    def record(self, stats: EngineStats) -> None:
+        """The engine's state after a step, in the metrics (counters from its running totals)."""
+        metrics = self.metrics
+        self.running = stats.running
+        metrics.running.set(stats.running)
+        metrics.waiting.set(max(0, self.in_flight - stats.running))
+        metrics.kv_cache_usage.set(stats.blocks_used / stats.blocks_total)
+        for counter, total in ((metrics.prefix_queries, stats.prefix_queried_tokens),
+                               (metrics.prefix_hits, stats.prefix_hit_tokens),
+                               (metrics.preemptions, stats.preemptions)):
+            counter.inc(total - counter._value.get())
+
     def fail_all(self, error: Exception) -> None:
         """End every unfinished request with `error` (shutdown, or a lost rank)."""
         with self._lock:
@@ -210,9 +231,7 @@ def run_engine_loop(engine: Engine, runtime: Runtime, scheduler: Scheduler | Non
             events = cancelled + engine.step()
             if scheduler:
                 scheduler.deliver(events)
-                scheduler.running = engine.active
-                scheduler.metrics.running.set(engine.active)
-                scheduler.metrics.waiting.set(max(0, scheduler.in_flight - engine.active))
+                scheduler.record(engine.stats())
     except BaseException:
         if scheduler:
             scheduler.stopping.set()

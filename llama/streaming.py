@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llama.distributed import log
-from llama.generation import Completion, check_prompts, generate
-from llama.model import Transformer
+from llama.engine import Completion, Engine, check_prompts, generate
 from llama.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -47,7 +46,7 @@ class IncrementalDecoder:
         return piece
 
 
-def stream_completion(model: Transformer, tokenizer: Tokenizer, prompt_tokens: list[int], max_gen_len: int,
+def stream_completion(engine: Engine, tokenizer: Tokenizer, prompt_tokens: list[int], max_gen_len: int,
                       stop_ids: frozenset[int], temperature: float, top_p: float, seed: int,
                       after_step: Callable[[], None] | None = None) -> Completion:
     """Complete one prompt, printing the text on rank 0 as it grows (every rank must call it).
@@ -62,7 +61,7 @@ def stream_completion(model: Transformer, tokenizer: Tokenizer, prompt_tokens: l
         if after_step:
             after_step()
 
-    [completion] = generate(model, [prompt_tokens], max_gen_len, stop_ids, temperature, top_p, seed,
+    [completion] = generate(engine, [prompt_tokens], max_gen_len, stop_ids, temperature, top_p, seed,
                             on_tokens=on_tokens)
     _write(decoder.flush())
     return completion
@@ -73,22 +72,22 @@ def _write(text: str) -> None:
         log(text, end="")
 
 
-def print_completions(model: Transformer, tokenizer: Tokenizer, prompt_tokens: list[list[int]], headers: list[str],
+def print_completions(engine: Engine, tokenizer: Tokenizer, prompt_tokens: list[list[int]], headers: list[str],
                       max_gen_len: int, stop_ids: frozenset[int], temperature: float, top_p: float, seed: int,
                       stream: bool) -> list[Completion]:
     """Complete every prompt, printing on rank 0 each header followed by its completion.
 
     Streaming decodes the prompts one after another, so each is printed as it grows."""
     if not stream:
-        completions = generate(model, prompt_tokens, max_gen_len, stop_ids, temperature, top_p, seed)
+        completions = generate(engine, prompt_tokens, max_gen_len, stop_ids, temperature, top_p, seed)
         for header, completion in zip(headers, completions):
             log(header + tokenizer.decode(completion.tokens), end="\n\n")
         return completions
-    check_prompts(prompt_tokens, model.args.max_seq_len)  # errors name the right index
+    check_prompts(engine, prompt_tokens)  # errors name the right index
     completions = []
     for header, tokens in zip(headers, prompt_tokens):
         log(header, end="")
-        completions.append(stream_completion(model, tokenizer, tokens, max_gen_len, stop_ids, temperature, top_p,
+        completions.append(stream_completion(engine, tokenizer, tokens, max_gen_len, stop_ids, temperature, top_p,
                                              seed))
         log(end="\n\n")
     return completions

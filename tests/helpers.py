@@ -58,6 +58,29 @@ def random_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def paged_logits(model, tokens: torch.Tensor, prefill: int, block_size: int = 4) -> torch.Tensor:
+    """Logits (batch, length, vocab) of a prefill of each row's first `prefill` tokens (all rows in
+    one forward), then one decode step per further token, through the paged KV cache; the rows'
+    blocks are taken from the end of the pool backwards, so block tables must be followed."""
+    from llama.model import PagedBatch
+
+    bsz, length = tokens.shape
+    width = -(-length // block_size)
+    model.setup_kv_cache(bsz * width, block_size)
+    tables = torch.arange(bsz * width).flip(0).view(bsz, width)
+
+    def slots(positions: torch.Tensor) -> torch.Tensor:  # (batch, n) -> (batch * n,)
+        return (tables.gather(1, positions // block_size) * block_size + positions % block_size).flatten()
+
+    positions = torch.arange(prefill).expand(bsz, -1)
+    batch = PagedBatch(positions.flatten(), slots(positions), tables, [prefill] * bsz, [prefill] * bsz)
+    logits = [model.prefill(tokens[:, :prefill].flatten(), batch, torch.arange(bsz * prefill)).view(bsz, prefill, -1)]
+    for i in range(prefill, length):
+        positions = torch.full((bsz, 1), i)
+        logits.append(model.decode(tokens[:, i], PagedBatch(positions.flatten(), slots(positions), tables))[:, None])
+    return torch.cat(logits, dim=1)
+
+
 def make_meta_checkpoint(out_dir: Path, tokenizer_path: Path, n_shards: int = 1, llama2_layout: bool = True,
                          tied_output: bool = False, seed: int = 0, **arch: object) -> ModelArgs:
     """A random tiny model written in Meta's format, with its tokenizer.model beside it."""

@@ -19,7 +19,7 @@ from llama.args import ModelArgs
 from llama.checkpoint import ARGS_FILE, DTYPES, TOKENIZER_FILE
 from llama.demo import DEMO_PROMPTS, TEXT_PATH, TRAIN_WINDOW
 from llama.distributed import init_runtime, run_cli
-from llama.generation import generate
+from llama.engine import Engine, generate
 from llama.parallel import build_sharded
 from llama.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ def main() -> None:
         if opts.perplexity:
             result["perplexity"] = perplexity(model, tokenizer)
         prompts = [tokenizer.encode(p, bos=True, eos=False) for p in DEMO_PROMPTS]
-        completions = generate(model, prompts, 12, frozenset(), temperature=0.0)
+        completions = generate(Engine(model), prompts, 12, frozenset(), temperature=0.0)
         result["tokens"], result["logprobs"] = [c.tokens for c in completions], [c.logprobs for c in completions]
         results[str(ckpt)] = result
     if runtime.is_main:

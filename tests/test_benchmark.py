@@ -58,12 +58,12 @@ def test_decode_bytes_match_the_model():
     model actually allocates."""
     args = ModelArgs(**{**LLAMA3_TINY, "max_seq_len": 20}, vocab_size=256)
     model = Transformer(args).to(torch.bfloat16)
-    model.setup_caches(3)
+    model.setup_kv_cache(15, 4)  # 3 sequences of 20 tokens
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = model.tok_embeddings.weight
     cache = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
                 if name.endswith((".kv_cache.k", ".kv_cache.v")))
-    assert bench.kv_cache_bytes(args, 1, 3, 20, 2) == cache
+    assert bench.kv_cache_bytes(args, 1, 3, 20, 2) == cache == model.kv_cache_bytes_per_token() * 60
     assert bench.decode_bytes_per_step(args, 1, 3, 20, 2) == \
         params - embedding.numel() * 2 + 3 * args.dim * 2 + cache
     # Split two ways, each rank reads half of the sharded weights (norms stay whole).
@@ -107,7 +107,6 @@ def test_hf_baseline_computes_our_model():
         model.layers[0].attention.wq.weight.to_local().normal_(std=0.3)  # make attention matter
         hf = bench.build_hf_model(model, runtime)
         tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-        model.setup_caches(2)
         with torch.inference_mode():
             ours = model(tokens, all_logits=True)
             theirs = hf(tokens).logits.float()
@@ -194,7 +193,8 @@ def test_benchmark_tp2_reports_every_figure(tmp_path, tiny_checkpoint):
         element_size = 4 if r["dtype"] == "float32" else 2
         # the CPU's decode attention reads each row up to its position: 5 + 4 / 2 on average
         assert r["bytes_per_decode_step"] == 2 * bench.decode_bytes_per_step(args, 2, r["batch_size"], 7, element_size)
-        assert r["kv_cache_bytes_per_rank"] == bench.kv_cache_bytes(args, 2, r["batch_size"], 9, element_size)
+        # the pool holds each sequence whole, in blocks of 16 tokens, and one scratch block
+        assert r["kv_cache_bytes_per_rank"] == bench.kv_cache_bytes(args, 2, r["batch_size"] + 1, 16, element_size)
         roofline = r["roofline"]
         assert roofline["ceiling_gb_per_s"] == report["bandwidth_ceiling"][r["dtype"]]["ceiling_gb_per_s"]
         assert roofline["fraction_of_ceiling"] == pytest.approx(

@@ -100,27 +100,35 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [
-    (1, 32, 8, 256, 64),  # llama3.2-1b's heads
-    (3, 8, 8, 37, 128),  # no grouping; positions 0 and the last
-    (2, 6, 2, 19, 16),
+    (1, 32, 8, 256, 64, 16),  # llama3.2-1b's heads
+    (3, 8, 8, 37, 128, 16),  # no grouping; positions 0 and the last, a block partly used
+    (2, 6, 2, 19, 16, 5),  # blocks of a size that is not a multiple of the kernel's 8 positions
 ])
-def test_decode_attention_reads_each_row_up_to_its_position(shape, dtype):
-    from llama.model import one_query_attention, torch_one_query_attention
+def test_decode_attention_follows_block_tables_up_to_each_position(shape, dtype):
+    """The C kernel and the torch version (the GPU's, run here on CPU) read each sequence's keys
+    through its block table, in a pool whose blocks are shuffled between sequences."""
+    from llama.model import KVCache, paged_decode_attention, torch_paged_decode_attention
 
-    bsz, n_heads, n_kv_heads, seq, head_dim = shape
+    bsz, n_heads, n_kv_heads, seq, head_dim, block = shape
     g = torch.Generator().manual_seed(seq)
     q = torch.randn(bsz, n_heads, 1, head_dim, generator=g).to(dtype)
     k, v = (torch.randn(bsz, n_kv_heads, seq, head_dim, generator=g).to(dtype) for _ in range(2))
-    positions = torch.tensor([seq - 1, 0, seq // 2][:bsz])[:, None]
+    positions = torch.tensor([seq - 1, 0, seq // 2][:bsz])
     expected = reference_attention(q, k, v, positions)
-    torch_version = torch_one_query_attention(q, k, v, (torch.arange(seq) <= positions)[:, None, None, :])
-    for b in range(bsz):  # what lies past a row's position is never read
-        k[b, :, positions[b] + 1:] = v[b, :, positions[b] + 1:] = float("nan")
-    assert cpu_linear.decode_attention_applies(q, k, v)
-    got = one_query_attention(q, k, v, positions)
+    width = -(-seq // block)
+    cache = KVCache(bsz * width + 3, n_kv_heads, block, head_dim, dtype, torch.device("cpu"))
+    cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))  # what no table points to is never read
+    tables = torch.randperm(bsz * width + 3, generator=g)[:bsz * width].view(bsz, width)
+    for b in range(bsz):
+        n = int(positions[b]) + 1  # only up to the position: the rest of the blocks stays NaN
+        slots = tables[b, torch.arange(n) // block] * block + torch.arange(n) % block
+        cache.write(slots, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1))
+    assert cpu_linear.decode_attention_applies(q, cache.k, cache.v)
+    got = paged_decode_attention(q, cache, tables, positions)
     assert got.dtype == dtype and got.shape == q.shape
     tolerance = dict(rtol=2**-7, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.double(), expected, **tolerance)
-    torch.testing.assert_close(got, torch_version, **tolerance)
-    compiled = torch.compile(one_query_attention, fullgraph=True)(q, k, v, positions)
+    cache.k.nan_to_num_(0.0), cache.v.nan_to_num_(0.0)  # the torch version multiplies every position by its mask
+    torch.testing.assert_close(torch_paged_decode_attention(q, cache, tables, positions), got, **tolerance)
+    compiled = torch.compile(paged_decode_attention, fullgraph=True)(q, cache, tables, positions)
     torch.testing.assert_close(compiled, got, rtol=0, atol=0)

@@ -50,7 +50,7 @@ def test_defaults_are_the_identity_exactly():
     processor = LogitsProcessor(slots=3, vocab=VOCAB, device=torch.device("cpu"))
     processor.admit(1, [4, 5, 6], frozenset({2}), LogitsParams(frequency_penalty=1.0, logit_bias=((9, -3.0),)))
     logits = torch.randn(3, VOCAB) * 10
-    out = process_logits(logits, processor.inputs(slice(0, 3)))
+    out = process_logits(logits, processor.inputs([0, 1, 2]))
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
     assert out[1, 9] == logits[1, 9] - 3.0 and torch.equal(out[1, 4:7], logits[1, 4:7])  # prompt: no frequency
 
@@ -61,10 +61,10 @@ def test_penalties_count_what_the_slot_generated():
     processor.accept({0: 8, 1: 9})
     processor.accept({0: 8})
     logits = torch.zeros(2, VOCAB)
-    out = process_logits(logits, processor.inputs(slice(0, 2)))
+    out = process_logits(logits, processor.inputs([0, 1]))
     assert out[0, 8] == -(1.0 + 2 * 0.5) and out[0].count_nonzero() == 1 and not out[1].any()
     processor.admit(0, [1], frozenset(), LogitsParams(frequency_penalty=0.5))  # a new request: counts cleared
-    assert not process_logits(logits, processor.inputs(slice(0, 2))).any()
+    assert not process_logits(logits, processor.inputs([0, 1])).any()
 
 
 def test_bitmask_unpacks_every_bit_including_the_sign_bit():
@@ -82,10 +82,10 @@ def test_min_tokens_masks_stop_ids_until_reached():
     processor = LogitsProcessor(slots=1, vocab=VOCAB, device=torch.device("cpu"))
     processor.admit(0, [1], frozenset({2, 63}), LogitsParams(min_tokens=2))
     for _ in range(2):
-        out = process_logits(torch.zeros(1, VOCAB), processor.inputs(slice(0, 1)))
+        out = process_logits(torch.zeros(1, VOCAB), processor.inputs([0]))
         assert out[0, 2] == out[0, 63] == float("-inf") and out[0].isfinite().sum() == VOCAB - 2
         processor.accept({0: 5})
-    assert process_logits(torch.zeros(1, VOCAB), processor.inputs(slice(0, 1))).isfinite().all()
+    assert process_logits(torch.zeros(1, VOCAB), processor.inputs([0])).isfinite().all()
 
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -104,7 +104,7 @@ def test_random_sampling_under_the_mask_gives_compact_schema_valid_json(llama3_t
     g = torch.Generator().manual_seed(seed)
     tokens = []
     for _ in range(200):
-        logits = process_logits(torch.randn(1, tok.n_words, generator=g) * 3, processor.inputs(slice(0, 1)))
+        logits = process_logits(torch.randn(1, tok.n_words, generator=g) * 3, processor.inputs([0]))
         token = int(torch.multinomial(logits.softmax(-1), 1, generator=g))
         tokens.append(token)
         if processor.accept({0: token}):

@@ -206,14 +206,16 @@ def test_random_quantized_model_and_its_roofline_bytes(scheme):
     counts the bytes its kernels read (packed values, scales, zeros), not bf16 bytes."""
     from llama import benchmarking as bench
     from llama.distributed import init_runtime
+    from llama.model import PagedBatch
 
     args = ModelArgs(**LLAMA3_TINY, vocab_size=256, quantize=scheme, group_size=32 if scheme == "int4" else None)
     runtime = init_runtime()
     try:
         model = bench.build_random_model(args, runtime, torch.bfloat16)
-        model.setup_caches(3)
+        model.setup_kv_cache(3, 16)
         with torch.inference_mode():
-            logits = model.decode(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))
+            batch = PagedBatch(torch.zeros(3, dtype=torch.long), torch.tensor([0, 16, 32]), torch.arange(3)[:, None])
+            logits = model.decode(torch.tensor([1, 2, 3]), batch)
         assert logits.shape == (3, 256) and logits.isfinite().all() and logits.std() > 0
         block = model.layers[0]  # the projections that share an input are one product
         assert isinstance(block.attention.wqkv, quantize.FusedLinear) and not hasattr(block.attention, "wq")
