@@ -70,6 +70,10 @@ def parse_args() -> argparse.Namespace:
     load.add_argument("--requests", type=int, default=0, help="requests per concurrency (default 4 x clients)")
     load.add_argument("--request_rate", type=float, default=float("inf"),
                       help="mean arrivals per second, Poisson (default: all at once, --concurrency at a time)")
+    load.add_argument("--shared_prefix", type=int, default=0, help="the prompts' first N tokens are the same "
+                      "(the prefix cache: the first request's time to first token against the later ones')")
+    load.add_argument("--long_prompt", type=int, default=0, help="once the streams decode, send one prompt of N "
+                      "tokens (chunked prefill: the streams' largest gap while it is prefilled)")
     load.add_argument("--api_key", help="the server's --api_key")
     return p.parse_args()
 
@@ -89,15 +93,28 @@ def load_test(args: argparse.Namespace) -> None:
     prompt_len, gen_len = int_list("prompt_len", args.prompt_len, 1), int_list("gen_len", args.gen_len, 2)
     if len(prompt_len) > 1 or len(gen_len) > 1:
         raise UserError("--serve takes one --prompt_len and one --gen_len")
+    if not 0 <= args.shared_prefix <= prompt_len[0]:
+        raise UserError(f"--shared_prefix {args.shared_prefix}: use 0 to --prompt_len {prompt_len[0]}")
+    if args.long_prompt < 0:
+        raise UserError(f"--long_prompt {args.long_prompt}: use a positive number of tokens (or 0: none)")
     results = []
     for clients in int_list("concurrency", args.concurrency, 1):
         result = run_load(args.serve, clients, args.requests or 4 * clients, prompt_len[0], gen_len[0],
-                          args.api_key, args.seed, args.request_rate)
+                          args.api_key, args.seed, args.request_rate, args.shared_prefix, args.long_prompt)
         results.append(result)
         log(f"concurrency {clients}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} "
             f"output tok/s, TTFT p50/p99 {result['ttft_ms']['p50']:.0f}/{result['ttft_ms']['p99']:.0f} ms, "
             f"inter-token p50/p99 {result['inter_token_ms']['p50']:.0f}/{result['inter_token_ms']['p99']:.0f} ms")
+        if "shared_prefix" in result:
+            shared = result["shared_prefix"]
+            log(f"  shared prefix of {shared['tokens']} tokens: TTFT first {shared['first_ttft_ms']:.0f} ms, "
+                f"later p50 {shared['later_ttft_ms_p50'] or 0:.0f} ms")
+        if "long_prompt" in result:
+            long = result["long_prompt"]
+            log(f"  a {long['tokens']}-token prompt: TTFT {long['ttft_ms']:.0f} ms; the streams' largest gap while "
+                f"it was prefilled {long['streams_max_gap_ms']:.0f} ms, median gap {long['streams_median_gap_ms']:.0f} ms")
     report = {"config": {"serve": args.serve, "prompt_len": prompt_len[0], "gen_len": gen_len[0],
+                         "shared_prefix": args.shared_prefix, "long_prompt": args.long_prompt,
                          "request_rate": None if args.request_rate == float("inf") else args.request_rate},
               "results": results}
     if args.output_json:

@@ -8,6 +8,7 @@
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from llama.chat import CHAT_FORMATS, load_dialogs, resolve_chat_format
@@ -121,7 +122,7 @@ def main() -> None:
     if args.compile:
         use_compiled_decode(model)
     config = engine_config(args, model)
-    log(describe_pool(config, model))
+    log(describe_pool(config, model), file=sys.stderr)  # stdout holds only the completions
     engine = Engine(model, config)
     if args.interactive:
         run_chat(engine, tokenizer, resolve_chat_format(tokenizer, args.chat_format), runtime, args.max_gen_len,

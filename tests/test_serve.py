@@ -316,15 +316,19 @@ def test_a_killed_rank_ends_the_others(ckpt):
 def test_load_generator_reports_throughput_and_latency(server, tmp_path):
     out = tmp_path / "load.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--serve", server.url, "--api_key", API_KEY,
-                             "--concurrency", "1,3", "--requests", "3", "--prompt_len", "9", "--gen_len", "5",
-                             "--output_json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+                             "--concurrency", "1,3", "--requests", "3", "--prompt_len", "20", "--gen_len", "5",
+                             "--shared_prefix", "16", "--long_prompt", "40", "--output_json", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     runs = json.loads(out.read_text())["results"]
     assert [(r["concurrency"], r["requests"]) for r in runs] == [(1, 3), (3, 3)]
     for r in runs:
         assert r["output_tokens_per_s"] > 0 and r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"]
         assert r["inter_token_ms"]["p50"] > 0
-    assert "concurrency 3:" in result.stdout
+        assert r["shared_prefix"]["tokens"] == 16 and r["shared_prefix"]["later_ttft_ms_p50"] > 0
+        long = r["long_prompt"]
+        assert long["tokens"] == 40 and long["ttft_ms"] > 0 and long["streams_max_gap_ms"] >= 0
+    assert "concurrency 3:" in result.stdout and "a 40-token prompt" in result.stdout
 
 
 def test_llama2_has_no_tool_format(client, server):
