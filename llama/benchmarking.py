@@ -138,6 +138,15 @@ def decode_bytes_per_step(args: ModelArgs, tp: int, batch_size: int, cache_len: 
                                                                              element_size)
 
 
+def prefill_flops(args: ModelArgs, prompt_len: int) -> int:
+    """Floating-point operations of one prompt's prefill over all ranks: a multiply and an add per
+    weight of every linear layer (the output projection too) per token, and in each layer the two
+    products of causal attention, scores and values, over half the square of the prompt."""
+    linear_weights = sum(math.prod(shape) for name, shape in args.weight_shapes().items()
+                         if len(shape) == 2 and name != quantize.EMBEDDING)
+    return 2 * linear_weights * prompt_len + 2 * args.n_layers * prompt_len**2 * args.n_heads * args.head_dim
+
+
 def kv_cache_bytes(args: ModelArgs, tp: int, batch_size: int, cache_len: int, element_size: int) -> int:
     """Keys and values of every layer on one rank."""
     return 2 * args.n_layers * batch_size * local_kv_heads(args.n_kv_heads, tp) * cache_len * args.head_dim * element_size
@@ -440,6 +449,8 @@ def summarize(measured: Measurement, model: Transformer, dtype: str, ceiling: di
     result = {
         "dtype": dtype, "batch_size": config.batch_size, "prompt_len": config.prompt_len, "gen_len": config.gen_len,
         **ours,
+        "prefill_tflop_per_s": ours["prefill_tokens_per_s"]["median"] / config.prompt_len
+        * prefill_flops(model.args, config.prompt_len) / 1e12,
         "bytes_per_decode_step": bytes_per_step,
         "roofline": roofline(bytes_per_step, step_s, ceiling["ceiling_gb_per_s"] * 1e9),
         "weight_bytes_per_rank": weight_bytes(model),

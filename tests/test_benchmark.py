@@ -53,6 +53,14 @@ def test_decode_bytes_by_hand():
         2 * (848 + 24 + 8) + 80
 
 
+def test_prefill_flops_by_hand():
+    """llama2-7b: 6.61 G weights in linear layers (6.74 G less the 131 M embedding), two operations
+    each per token, and causal attention's two products over half of 128 x 128 in 32 layers."""
+    args = bench.random_model_args("llama2-7b", None, 1, "bfloat16")
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 32000 * 4096
+    assert bench.prefill_flops(args, 128) == 2 * linear * 128 + 2 * 32 * 128 * 128 * 4096
+
+
 def test_decode_bytes_match_the_model():
     """Every weight but the embedding table, one embedding row per sequence, and the cache the
     model actually allocates."""
