@@ -18,6 +18,24 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Instruction sets: the library is built for the baseline (AVX2 where present: cpu_linear.py's
+ * flags), and the AVX-512 kernels beside the AVX2 ones carry their own target attribute, so one
+ * build holds both and cpu_linear.py chooses per call (`isa`) from what the CPU has and
+ * TP_LLAMA_CPU_ISA. Compilers too old for these targets build the AVX2 kernels alone. */
+#if defined(__AVX2__) && defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define HAVE_AVX512 1
+#include <immintrin.h>
+#define TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define TARGET_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#else
+#define HAVE_AVX512 0
+#endif
+enum { ISA_AVX2 = 0, ISA_AVX512 = 1 };
+
+/* Whether the AVX-512 kernels were built (the CPU's own support is cpu_linear.py's to check). */
+int has_avx512_kernels(void) { return HAVE_AVX512; }
+
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -79,8 +97,9 @@ static inline int64_t pass_row(int64_t n0, int64_t p, int R, int64_t S) { return
 /* Output features [n0, n1) of M activation rows (x: M x K, row stride K; y: row stride ldy),
  * R weight rows (row stride ldw) at a time; the remainder of K and of the rows one by one. */
 #define KERNEL(M, R)                                                                                    \
-    static void rows##M(const float *x, int64_t K, const uint16_t *w, int64_t ldw, uint16_t *y, int64_t ldy, \
+    static void rows##M(const void *xv, int64_t K, const uint16_t *w, int64_t ldw, uint16_t *y, int64_t ldy, \
                         int64_t n0, int64_t n1) {                                                       \
+        const float *x = xv;                                                                            \
         int64_t k8 = K / 8 * 8, S = stream_rows(ldw * 2, n1 - n0, R), p = 0;                           \
         for (int64_t n = n0; n + R <= n1; n += R, p++) {                                                \
             int64_t first = pass_row(n0, p, R, S);                                                      \
@@ -121,20 +140,76 @@ KERNEL(4, 2)
 KERNEL(5, 2)
 KERNEL(6, 2)
 
-/* The kernel for 1 to 6 activation rows (index 0 unused). */
-static void (*const BF16_ROWS[])(const float *, int64_t, const uint16_t *, int64_t, uint16_t *, int64_t, int64_t,
-                                 int64_t) = {0, rows1, rows2, rows3, rows4, rows5, rows6};
+#if HAVE_AVX512
+/* The same with avx512_bf16: vdpbf16ps multiplies 32 bf16 weights by 32 bf16 activations, as
+ * they are stored, into 16 float32 sums in one instruction (each product exact, each sum
+ * rounded as a float32 FMA's; denormals count as zero), where AVX2 takes 3 instructions per 8;
+ * the K % 32 last columns through masked loads (zeros). Rows past n1 repeat a row of the pass
+ * and are not stored. */
+#define BF16_KERNEL512(M, R)                                                                             \
+    TARGET_AVX512_BF16 static void rows512_##M(const void *xv, int64_t K, const uint16_t *w, int64_t ldw,  \
+                                              uint16_t *y, int64_t ldy, int64_t n0, int64_t n1) {      \
+        const uint16_t *x = xv;                                                                         \
+        int64_t k32 = K / 32 * 32, S = stream_rows(ldw * 2, n1 - n0, R), p = 0;                          \
+        __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);                                            \
+        for (int64_t n = n0; n < n1; n += R, p++) {                                                     \
+            int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
+            int64_t first = pass_row(n0, p, R, S);                                                      \
+            const uint16_t *wr[R];                                                                      \
+            for (int r = 0; r < R; r++) wr[r] = w + (first + (r < rows ? r : 0) * S) * ldw;             \
+            __m512 acc[R][M];                                                                           \
+            for (int r = 0; r < R; r++)                                                                 \
+                for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();                            \
+            for (int64_t k = 0; k < K; k += 32) {                                                       \
+                __mmask32 mask = k < k32 ? (__mmask32)~0u : tail;                                        \
+                __m512bh wv[R];                                                                         \
+                for (int r = 0; r < R; r++) {                                                           \
+                    wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[r] + k);                        \
+                    __builtin_prefetch(wr[r] + R * S * ldw + k, 0, 0); /* a cache line, R * S rows ahead */ \
+                }                                                                                       \
+                for (int m = 0; m < M; m++) {                                                           \
+                    __m512bh xm = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);              \
+                    for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xm);     \
+                }                                                                                       \
+            }                                                                                           \
+            for (int r = 0; r < rows; r++)                                                              \
+                for (int m = 0; m < M; m++) y[m * ldy + first + r * S] = f32_to_bf16(_mm512_reduce_add_ps(acc[r][m])); \
+        }                                                                                               \
+    }
+
+BF16_KERNEL512(1, 4)
+BF16_KERNEL512(2, 4)
+BF16_KERNEL512(3, 2)
+BF16_KERNEL512(4, 2)
+BF16_KERNEL512(5, 2)
+BF16_KERNEL512(6, 2)
+#endif
+
+/* The kernels for 1 to 6 activation rows (index 0 unused), by instruction set: AVX2's take the
+ * activations as float32, AVX-512's as stored (bf16). */
+typedef void (*bf16_rows_fn)(const void *, int64_t, const uint16_t *, int64_t, uint16_t *, int64_t, int64_t, int64_t);
+static const bf16_rows_fn BF16_ROWS[][7] = {
+    {0, rows1, rows2, rows3, rows4, rows5, rows6},
+#if HAVE_AVX512
+    {0, rows512_1, rows512_2, rows512_3, rows512_4, rows512_5, rows512_6},
+#endif
+};
 
 /* Output features per unit of work: whole cache lines of output, a few hundred KiB of weight. */
 #define BLOCK_ROWS 64
 
-/* y (M x N) = x (M x K) @ w (N x K, row stride ldw).T, all bfloat16. Returns 0, or -1 if out
- * of memory for the float32 copy of x. */
+/* y (M x N) = x (M x K) @ w (N x K, row stride ldw).T, all bfloat16, with the kernels of `isa`
+ * (ISA_AVX512: avx512_bf16, which the caller has checked). Returns 0, or -1 if out of memory for
+ * the float32 copy of x (AVX2). */
 int bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t ldw, int64_t N, uint16_t *y,
-                int threads) {
-    float *x32 = malloc((size_t)(M * K) * sizeof(float));
-    if (!x32) return -1;
-    for (int64_t i = 0; i < M * K; i++) x32[i] = bf16_to_f32(x[i]);
+                int threads, int isa) {
+    if (isa >= (int)(sizeof BF16_ROWS / sizeof BF16_ROWS[0])) return -2;
+    float *x32 = NULL;
+    if (isa == ISA_AVX2) {
+        x32 = malloc((size_t)(M * K) * sizeof(float));
+        if (!x32) return -1;
+        for (int64_t i = 0; i < M * K; i++) x32[i] = bf16_to_f32(x[i]);
+    }
     /* Blocks of output features taken one at a time by whichever thread is free: a thread the
      * OS puts aside (another process wanting the core) delays one block, not a fixed share. */
     int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
@@ -145,9 +220,8 @@ int bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int6
          * their activations outgrow the L1 cache, and two passes are then faster). */
         for (int64_t m = 0, rows; m < M; m += rows) {
             rows = M - m > 6 ? 4 : M - m;
-            const float *xm = x32 + m * K;
-            uint16_t *ym = y + m * N;
-            BF16_ROWS[rows](xm, K, w, ldw, ym, N, n0, n1);
+            const void *xm = x32 ? (const void *)(x32 + m * K) : (const void *)(x + m * K);
+            BF16_ROWS[isa][rows](xm, K, w, ldw, y + m * N, N, n0, n1);
         }
     }
     free(x32);
@@ -402,8 +476,70 @@ INT8_KERNEL(2, 4)
 INT8_KERNEL(3, 2)
 INT8_KERNEL(4, 2)
 
-static void (*const INT8_ROWS[])(const int16_t *, int64_t, const int8_t *, int64_t, const void *, int, float *, int64_t,
-                                 int64_t, int64_t) = {0, int8_rows1, int8_rows2, int8_rows3, int8_rows4};
+#if HAVE_AVX512
+/* The same with AVX-512 VNNI: 32 weights widened to 16 bits and multiplied into their sums by
+ * vpdpwssd (2 instructions per 32 weights, where AVX2 takes 6), the K % 32 last of the vector
+ * columns through a masked load. Lane j of a sum holds columns 2j, 2j + 1 of each 32; adding
+ * lanes j and j + 8 (exact integers) gives AVX2's lane j (columns 2j, 2j + 1 of each 16), so the
+ * outputs are AVX2's bit for bit. */
+#define INT8_KERNEL512(M, R)                                                                            \
+    TARGET_AVX512_VNNI static void int8_rows512_##M(const int16_t *x, int64_t K, const int8_t *w, int64_t ldw, \
+                                                    const void *scale, int sbf16, float *y, int64_t ldy,    \
+                                                    int64_t n0, int64_t n1) {                               \
+        int64_t k16 = K / 16 * 16, S = stream_rows(ldw, n1 - n0, R), p = 0;                             \
+        for (int64_t n = n0; n < n1; n += R, p++) {                                                     \
+            int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
+            int64_t first = pass_row(n0, p, R, S);                                                      \
+            const int8_t *wr[R];                                                                        \
+            for (int r = 0; r < R; r++) wr[r] = w + (first + (r < rows ? r : 0) * S) * ldw;             \
+            v8f acc[R][M];                                                                              \
+            for (int r = 0; r < R; r++)                                                                 \
+                for (int m = 0; m < M; m++) acc[r][m] = (v8f){0};                                       \
+            for (int64_t k0 = 0; k0 < k16; k0 += INT8_SPAN) {                                           \
+                int64_t k1 = k0 + INT8_SPAN < k16 ? k0 + INT8_SPAN : k16;                               \
+                __m512i sum[R][M];                                                                      \
+                for (int r = 0; r < R; r++)                                                             \
+                    for (int m = 0; m < M; m++) sum[r][m] = _mm512_setzero_si512();                     \
+                for (int64_t k = k0; k < k1; k += 32) {                                                 \
+                    __mmask32 mask = k + 32 <= k1 ? (__mmask32)~0u : (__mmask32)0xffff;                  \
+                    __m512i wv[R];                                                                      \
+                    for (int r = 0; r < R; r++) {                                                       \
+                        wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, wr[r] + k));         \
+                        if (k % 64 == 0) __builtin_prefetch(wr[r] + R * S * ldw + k, 0, 0);             \
+                    }                                                                                   \
+                    for (int m = 0; m < M; m++) {                                                       \
+                        __m512i xm = _mm512_maskz_loadu_epi16(mask, x + m * K + k);                     \
+                        for (int r = 0; r < R; r++) sum[r][m] = _mm512_dpwssd_epi32(sum[r][m], wv[r], xm); \
+                    }                                                                                   \
+                }                                                                                       \
+                for (int r = 0; r < R; r++)                                                             \
+                    for (int m = 0; m < M; m++)                                                         \
+                        acc[r][m] += to_float(_mm256_add_epi32(_mm512_castsi512_si256(sum[r][m]),       \
+                                                               _mm512_extracti64x4_epi64(sum[r][m], 1))); \
+            }                                                                                           \
+            for (int r = 0; r < rows; r++)                                                              \
+                for (int m = 0; m < M; m++) {                                                           \
+                    int64_t tail = 0, row = first + r * S;                                              \
+                    for (int64_t k = k16; k < K; k++) tail += (int64_t)wr[r][k] * x[m * K + k];         \
+                    y[m * ldy + row] = (sum8(acc[r][m]) + (float)tail) * element_at(scale, row, sbf16); \
+                }                                                                                       \
+        }                                                                                               \
+    }
+
+INT8_KERNEL512(1, 4)
+INT8_KERNEL512(2, 4)
+INT8_KERNEL512(3, 2)
+INT8_KERNEL512(4, 2)
+#endif
+
+typedef void (*int8_rows_fn)(const int16_t *, int64_t, const int8_t *, int64_t, const void *, int, float *, int64_t,
+                             int64_t, int64_t);
+static const int8_rows_fn INT8_ROWS[][5] = {
+    {0, int8_rows1, int8_rows2, int8_rows3, int8_rows4},
+#if HAVE_AVX512
+    {0, int8_rows512_1, int8_rows512_2, int8_rows512_3, int8_rows512_4},
+#endif
+};
 
 /* The integer sums of 64 columns of R weight rows (wp[r]: 32 bytes of nibbles) with M activation
  * rows (xp + m * K: their 64 reordered int8 values): the 16-bit lanes of each (r, m) pair. */
@@ -513,9 +649,112 @@ INT4_KERNEL(2, 2)
 INT4_KERNEL(3, 1)
 INT4_KERNEL(4, 1)
 
-static void (*const INT4_ROWS[])(const int8_t *, const float *, const float *, int64_t, int64_t, const uint8_t *,
-                                 int64_t, const void *, int, float *, int64_t, int64_t, int64_t) = {
-    0, int4_rows1, int4_rows2, int4_rows3, int4_rows4};
+#if HAVE_AVX512
+/* The same with AVX-512 VNNI, 128 columns (64 bytes, a cache line, of each weight row) a block:
+ * vpdpbusd multiplies the 64 high nibbles by the block's 64 even activations and the 64 low ones
+ * by its odd ones, each into 16 int32 sums (lane j: columns 8j..8j+7 of the block), so the
+ * activations come reordered per 128 columns (int4_blocks128: the even ones of both 64-column
+ * halves, then their odd ones). A unit of max(G, 128) columns keeps its sums as integers (at most
+ * 2 * 8 * 15 * 127 per lane and block) until its end, when they meet their groups' scales: 8
+ * groups' scales as above, a lane's own picked by one permutation (vpermps). A last block of 64
+ * columns (K % 128 = 64) is read with a mask. The same integer sums as AVX2's, the float ones in
+ * another order: the outputs differ from AVX2's by float32 rounding. */
+#define INT4_KERNEL512(M, R)                                                                            \
+    TARGET_AVX512_VNNI static void int4_rows512_##M(const int8_t *x, const float *xscale, const float *xsum, \
+                                                    int64_t K, int64_t G, const uint8_t *w, int64_t ldw,    \
+                                                    const void *so, int sbf16, float *y, int64_t ldy,       \
+                                                    int64_t n0, int64_t n1) {                               \
+        int64_t U = G < 128 ? 128 : G, groups = K / G, P = (groups + 7) / 8 * 8;                         \
+        int64_t S = stream_rows(ldw, n1 - n0, R), p = 0, ahead = R * S * ldw;                           \
+        const __m512i nibble = _mm512_set1_epi8(15);                                                    \
+        const __m512i first = G == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)    \
+                            : G == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)    \
+                                      : _mm512_setzero_si512();                                         \
+        const __m512i step = _mm512_set1_epi32(G < 128 ? (int)(128 / G) : 1);                           \
+        for (int64_t n = n0; n < n1; n += R, p++) {                                                     \
+            int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
+            int64_t row[R];                                                                             \
+            const uint8_t *wp[R];                                                                       \
+            for (int r = 0; r < R; r++) {                                                               \
+                row[r] = pass_row(n0, p, R, S) + (r < rows ? r : 0) * S;                                \
+                wp[r] = w + row[r] * ldw;                                                               \
+            }                                                                                           \
+            const int8_t *xp = x;                                                                       \
+            __m512 acc[R][M];                                                                           \
+            v8f offsets[R][M];                                                                          \
+            for (int r = 0; r < R; r++)                                                                 \
+                for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps(), offsets[r][m] = (v8f){0};  \
+            for (int64_t g0 = 0; g0 < groups; g0 += 8) {                                                \
+                int count = groups - g0 < 8 ? (int)(groups - g0) : 8;                                   \
+                __m512 scale[R][M];                                                                     \
+                for (int r = 0; r < R; r++) {                                                           \
+                    v8f s, z;                                                                           \
+                    scale_pairs8(so, (row[r] * groups + g0) * 2, count, sbf16, &s, &z);                  \
+                    for (int m = 0; m < M; m++) {                                                       \
+                        scale[r][m] = _mm512_zextps256_ps512((__m256)(s * load_f32(xscale + m * P + g0))); \
+                        offsets[r][m] += (z - 8 * s) * load_f32(xsum + m * P + g0);                     \
+                    }                                                                                   \
+                }                                                                                       \
+                __m512i lanes = first;                                                                  \
+                for (int64_t c = 0, cols = count * G; c < cols; c += U, lanes = _mm512_add_epi32(lanes, step)) { \
+                    __m512i sum[R][M];                                                                  \
+                    for (int r = 0; r < R; r++)                                                         \
+                        for (int m = 0; m < M; m++) sum[r][m] = _mm512_setzero_si512();                 \
+                    for (int64_t b = c; b < c + U && b < cols; b += 128) {                              \
+                        int64_t half = cols - b < 128 ? 32 : 64; /* bytes of each row; the odd activations' offset */ \
+                        __mmask64 mask = half == 64 ? ~(__mmask64)0 : (__mmask64)0xffffffffu;           \
+                        __m512i hi[R], lo[R];                                                           \
+                        for (int r = 0; r < R; r++) {                                                   \
+                            __m512i bytes = _mm512_maskz_loadu_epi8(mask, wp[r]);                       \
+                            __builtin_prefetch(wp[r] + ahead, 0, 0);                                    \
+                            hi[r] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);              \
+                            lo[r] = _mm512_and_si512(bytes, nibble);                                    \
+                            wp[r] += half;                                                              \
+                        }                                                                               \
+                        for (int m = 0; m < M; m++) {                                                   \
+                            __m512i even = _mm512_maskz_loadu_epi8(mask, xp + m * K);                   \
+                            __m512i odd = _mm512_maskz_loadu_epi8(mask, xp + m * K + half);             \
+                            for (int r = 0; r < R; r++)                                                 \
+                                sum[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][m], hi[r], even), lo[r], odd); \
+                        }                                                                               \
+                        xp += 2 * half;                                                                 \
+                    }                                                                                   \
+                    for (int r = 0; r < R; r++)                                                         \
+                        for (int m = 0; m < M; m++)                                                     \
+                            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][m]),                  \
+                                                        _mm512_permutexvar_ps(lanes, scale[r][m]), acc[r][m]); \
+                }                                                                                       \
+            }                                                                                           \
+            for (int r = 0; r < rows; r++)                                                              \
+                for (int m = 0; m < M; m++) y[m * ldy + row[r]] = _mm512_reduce_add_ps(acc[r][m]) + sum8(offsets[r][m]); \
+        }                                                                                               \
+    }
+
+INT4_KERNEL512(1, 4)
+INT4_KERNEL512(2, 2)
+INT4_KERNEL512(3, 1)
+INT4_KERNEL512(4, 1)
+
+/* int4_activations' order (per 64 columns: 32 even, 32 odd) -> per 128 columns: the even ones of
+ * both halves, then the odd ones (a last 64 columns stay as they are). */
+static void int4_blocks128(int8_t *q, int64_t K) {
+    for (int64_t k = 0; k + 128 <= K; k += 128) {
+        int8_t odd0[32];
+        memcpy(odd0, q + k + 32, 32);
+        memcpy(q + k + 32, q + k + 64, 32);
+        memcpy(q + k + 64, odd0, 32);
+    }
+}
+#endif
+
+typedef void (*int4_rows_fn)(const int8_t *, const float *, const float *, int64_t, int64_t, const uint8_t *, int64_t,
+                             const void *, int, float *, int64_t, int64_t, int64_t);
+static const int4_rows_fn INT4_ROWS[][5] = {
+    {0, int4_rows1, int4_rows2, int4_rows3, int4_rows4},
+#if HAVE_AVX512
+    {0, int4_rows512_1, int4_rows512_2, int4_rows512_3, int4_rows512_4},
+#endif
+};
 
 static inline void store_row(const float *src, int64_t n, float scale, int bf16, void *dst) {
     if (bf16)
@@ -613,7 +852,8 @@ static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int6
  * is 0 for int8, else int4's group size (a multiple of 32; K a multiple of 64). At most 4
  * activation rows per pass over the weight. Returns 0, or -1 if out of memory. */
 int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *w, int64_t ldw, const void *scales,
-                     int sbf16, int64_t group, int64_t N, void *y, int threads) {
+                     int sbf16, int64_t group, int64_t N, void *y, int threads, int isa) {
+    if (isa >= (int)(sizeof INT8_ROWS / sizeof INT8_ROWS[0])) return -2;
     int64_t P = group ? (K / group + 7) / 8 * 8 : 0; /* int4's groups, in whole vectors */
     size_t bytes = (size_t)(2 * M * P + M * (K + N + 1) + K) * sizeof(float) + (size_t)(M * K) * sizeof(int16_t);
     char *buffer = aligned_alloc(sizeof(v8f), (bytes + sizeof(v8f) - 1) / sizeof(v8f) * sizeof(v8f));
@@ -622,10 +862,14 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
     float *x32 = xsum + M * P, *y32 = x32 + (M + 1) * K, *x_scale = y32 + M * N; /* x32: a row to spare */
     void *xq = x_scale + M;
     for (int64_t m = 0; m < M; m++) {
-        if (group)
+        if (group) {
             int4_activations(x, m, K, bf16, group, x32 + m * K, xq, xscale, xsum);
-        else
+#if HAVE_AVX512
+            if (isa == ISA_AVX512) int4_blocks128((int8_t *)xq + m * K, K);
+#endif
+        } else {
             int8_activations(x, m, K, bf16, x32 + m * K, xq, x_scale);
+        }
     }
     int64_t work = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -635,10 +879,10 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
             rows = M - m > 4 ? 4 : M - m;
             float *ym = y32 + m * N;
             if (group)
-                INT4_ROWS[rows]((const int8_t *)xq + m * K, xscale + m * P, xsum + m * P, K, group, w, ldw, scales,
+                INT4_ROWS[isa][rows]((const int8_t *)xq + m * K, xscale + m * P, xsum + m * P, K, group, w, ldw, scales,
                                 sbf16, ym, N, n0, n1);
             else
-                INT8_ROWS[rows]((const int16_t *)xq + m * K, K, w, ldw, scales, sbf16, ym, N, n0, n1);
+                INT8_ROWS[isa][rows]((const int16_t *)xq + m * K, K, w, ldw, scales, sbf16, ym, N, n0, n1);
         }
     }
     for (int64_t m = 0; m < M; m++) /* int4's activation scales are in its sums already */

@@ -57,6 +57,15 @@ QUANTIZED_FEW_ROWS = 16
 INT4_KERNEL_COLUMNS = 64
 # Bytes of the float32 block of weight rows that a GEMM multiplies at a time.
 BLOCK_BYTES = 4 << 20
+# Where torch multiplies bf16 natively, at most this many rows (one pass over the weight) go
+# through cpu_linear.c's avx512_bf16 kernel, more through oneDNN. Measured with the weight in L2
+# (AMD EPYC Zen 4, 1 thread, fastest of 21 alternations): 42 against ATen's 21 GB/s for one row
+# (batch-1 decode bypasses oneDNN: llama.generation.single_row_kernels), against oneDNN 31 vs 13
+# at 2 rows, 12 vs 10 at 6, 9.4 vs 9.8 at 8.
+NATIVE_FEW_ROWS = 6
+# cpu_linear.c's instruction sets (its ISA_* values), and the switch that caps them.
+ISA_AVX2, ISA_AVX512 = 0, 1
+ISA_VARIABLE = "TP_LLAMA_CPU_ISA"
 
 
 def _native_bf16() -> bool:
@@ -81,10 +90,55 @@ def uses_fp32_products(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not NATIVE_BF16
 
 
+def _allowed_isa() -> int:
+    """The widest instruction set TP_LLAMA_CPU_ISA lets cpu_linear.c's kernels use: `avx2`
+    (today's kernels, also how an AVX2-only CPU is emulated, with ATEN_CPU_CAPABILITY=avx2
+    ONEDNN_MAX_CPU_ISA=AVX2) or `avx512` (the default: what the CPU has)."""
+    value = os.environ.get(ISA_VARIABLE, "avx512").lower()
+    if value not in ("avx2", "avx512"):
+        raise ValueError(f"{ISA_VARIABLE}={value}: expected avx2 or avx512")
+    return ISA_AVX512 if value == "avx512" else ISA_AVX2
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile
+def bf16_isa() -> int:
+    """The instruction set of cpu_linear.c's bf16 kernel here: AVX-512 with avx512_bf16 where the
+    CPU has it (and the library's compiler built it), else AVX2."""
+    return _bf16_isa()
+
+
+def _avx512_isa(feature: str) -> int:
+    """ISA_AVX512 where the library built its AVX-512 kernels, TP_LLAMA_CPU_ISA allows them and
+    the CPU has AVX-512 F/BW/VL/DQ and `feature`, else ISA_AVX2."""
+    lib = _library()
+    has = torch.cpu.get_capabilities()
+    if (lib is not None and lib.has_avx512_kernels() and _allowed_isa() == ISA_AVX512
+            and all(has.get(f"avx512_{name}", False) for name in ("f", "bw", "vl", "dq", feature))):
+        return ISA_AVX512
+    return ISA_AVX2
+
+
+@functools.cache
+def _bf16_isa() -> int:
+    return _avx512_isa("bf16")
+
+
+@functools.cache
+def _quantized_isa() -> int:
+    """The instruction set of the int8/int4 kernels: AVX-512 with VNNI where the CPU has it."""
+    return _avx512_isa("vnni")
+
+
+def uses_bf16_kernel(weight: torch.Tensor) -> bool:
+    """Whether bf16 products of this weight go through _bf16_linear (else F.linear)."""
+    return uses_fp32_products(weight) or (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+                                          and bf16_isa() == ISA_AVX512)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, the product of every linear layer of the model: the one place that
     chooses how (see the module's docstring)."""
-    if not uses_fp32_products(weight):
+    if not uses_bf16_kernel(weight):
         return F.linear(x, weight)
     if torch.compiler.is_compiling():
         return torch.ops.tp_llama.bf16_linear(x, weight)
@@ -99,9 +153,9 @@ def _library() -> ctypes.CDLL | None:
     lib = native.build(_SOURCE, tuple(flags))
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
         c_int = ctypes.c_int
-        lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int]
+        lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int, c_int]
+        lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
         lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int]
         lib.dequantize_rows.restype = None
         lib.decode_attention.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64,
@@ -112,18 +166,27 @@ def _library() -> ctypes.CDLL | None:
 def _bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     rows = x.numel() // k
-    lib = _library()
-    if rows <= FEW_ROWS and lib is not None and x.dtype == torch.bfloat16 and weight.stride(1) == 1:
-        if not x.is_contiguous():  # rows of k, one after the other
-            x = x.contiguous()
-        y = x.new_empty((*x.shape[:-1], n))
-        if lib.bf16_linear(x.data_ptr(), rows, k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
-                           torch.get_num_threads()) != 0:
-            raise MemoryError(f"{rows} x {k} float32 activations")
-        return y
+    few = NATIVE_FEW_ROWS if NATIVE_BF16 else FEW_ROWS
+    if rows <= few and _library() is not None and x.dtype == torch.bfloat16 and weight.stride(1) == 1:
+        return _bf16_kernel(x, weight)
+    if NATIVE_BF16:
+        return F.linear(x, weight)
     y = _blocked_gemm(x.reshape(rows, k).to(torch.float32), n, k,
                       lambda block, start, stop: block.copy_(weight[start:stop]))
     return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _bf16_kernel(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T by cpu_linear.c's bf16 kernel of the instruction set _bf16_isa() chose."""
+    n, k = weight.shape
+    rows = x.numel() // k
+    if not x.is_contiguous():  # rows of k, one after the other
+        x = x.contiguous()
+    y = x.new_empty((*x.shape[:-1], n))
+    if _library().bf16_linear(x.data_ptr(), rows, k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
+                              torch.get_num_threads(), _bf16_isa()) != 0:
+        raise MemoryError(f"{rows} x {k} float32 activations")
+    return y
 
 
 def _blocked_gemm(x32: torch.Tensor, n: int, k: int,
@@ -180,7 +243,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     y = compute.new_empty((*x.shape[:-1], n))
     if lib.quantized_linear(compute.data_ptr(), rows, k, compute.dtype == torch.bfloat16, weight.data_ptr(),
                             weight.stride(0), scales.data_ptr(), scales_bf16, group_size, n, y.data_ptr(),
-                            threads) != 0:
+                            threads, _quantized_isa()) != 0:
         raise MemoryError(f"{rows} x {k} float32 activations")
     return y if y.dtype == x.dtype else y.to(x.dtype)  # a no-op .to costs 2-3 us a call, 1% of a decode step
 

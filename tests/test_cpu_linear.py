@@ -2,6 +2,8 @@
 bf16, and the choice of when to use them."""
 
 import functools
+import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +134,102 @@ def test_decode_attention_follows_block_tables_up_to_each_position(shape, dtype)
     torch.testing.assert_close(torch_paged_decode_attention(q, cache, tables, positions), got, **tolerance)
     compiled = torch.compile(paged_decode_attention, fullgraph=True)(q, cache, tables, positions)
     torch.testing.assert_close(compiled, got, rtol=0, atol=0)
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def kernel_isa(request, monkeypatch):
+    """Each instruction set of cpu_linear.c's kernels, forced with TP_LLAMA_CPU_ISA (the choice is
+    made once per process: the cached choices are cleared before and after)."""
+    def clear():
+        for choice in (cpu_linear._bf16_isa, cpu_linear._quantized_isa):
+            choice.cache_clear()
+    monkeypatch.setenv(cpu_linear.ISA_VARIABLE, request.param)
+    clear()
+    yield request.param
+    monkeypatch.undo()
+    clear()
+
+
+def forced(isa: str, chosen: int, feature: str) -> None:
+    """Skip (saying why) where this CPU or compiler cannot run the forced path; else check it runs."""
+    if isa == "avx512" and chosen != cpu_linear.ISA_AVX512:
+        pytest.skip(f"this CPU or compiler has no AVX-512 F/BW/VL/DQ with {feature}: its kernels cannot run here")
+    assert chosen == (cpu_linear.ISA_AVX512 if isa == "avx512" else cpu_linear.ISA_AVX2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_kernel_of_each_instruction_set(kernel_isa, threads):
+    """The bf16 kernel over the shapes above that it takes (up to FEW_ROWS rows), both paths
+    within one bf16 step of the exact product."""
+    forced(kernel_isa, cpu_linear._bf16_isa(), "avx512_bf16")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, k, n in [(1, 2048, 512), (3, 2050, 77), (6, 300, 130), (32, 64, 256), (5, 33, 9), (2, 96, 200)]:
+            g = torch.Generator().manual_seed(rows + k)
+            x = torch.randn(rows, k, generator=g).bfloat16()
+            w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+            got = cpu_linear._bf16_kernel(x, w)
+            torch.testing.assert_close(got.float(), reference(x, w).float(), rtol=2**-7, atol=1e-3)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quantized_kernels_of_each_instruction_set(kernel_isa, threads):
+    """int8 and int4 kernels against the dequantized product, activations and scales float32 and
+    bf16; (out, in) shapes with rows of 64 + 128 columns (a last half block), of 4096 columns (two
+    int8 spans), odd counts of output rows; every group size; 1-4 activation rows (one pass), 5 (4
+    and 1) and QUANTIZED_FEW_ROWS. int8: AVX-512 VNNI's integer sums are AVX2's, and its outputs
+    AVX2's bit for bit; int4: the same integer sums, the float ones in another order."""
+    from llama import quantize
+
+    forced(kernel_isa, cpu_linear._quantized_isa(), "VNNI")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (n, k), group, dtype in itertools.product([(40, 256), (77, 192), (130, 2048), (9, 4096)],
+                                                      [0, *quantize.GROUP_SIZES], [torch.float32, torch.bfloat16]):
+            if group and k % group:
+                continue
+            scheme = quantize.Scheme("int4", group) if group else quantize.Scheme("int8")
+            g = torch.Generator().manual_seed(n + k + group)
+            weight = torch.randn(n, k, generator=g) * 0.05
+            stored = quantize.quantize(weight, scheme, dtype)
+            operands = quantize.kernel_operands(scheme, stored["weight"], stored["scales"], stored.get("zeros"), dtype)
+            dequantized = quantize.dequantize(stored["weight"], stored["scales"], stored.get("zeros")).double()
+            x = torch.randn(cpu_linear.QUANTIZED_FEW_ROWS, k, generator=g).to(dtype)
+            for rows in (1, 2, 3, 4, 5, cpu_linear.QUANTIZED_FEW_ROWS):
+                got = cpu_linear._quantized_linear(x[:rows], *operands, group)
+                expected = F.linear(x[:rows].double(), dequantized)
+                case = (n, k, group, rows, dtype)
+                if group:  # int8 activations: under a sixth of the error of the weights' own rounding,
+                    # plus half a bf16 step of each output in bf16
+                    own_rounding = F.linear(x[:rows].double(), dequantized - weight.double()).norm()
+                    output_rounding = (expected * 2**-9).norm() if dtype == torch.bfloat16 else 0
+                    assert (got.double() - expected).norm() <= 0.15 * own_rounding + output_rounding, case
+                else:
+                    tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-4
+                    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance, msg=str(case))
+                if kernel_isa == "avx512":
+                    avx2 = _with_isa("avx2", lambda: cpu_linear._quantized_linear(x[:rows], *operands, group))
+                    if not group:
+                        assert torch.equal(got, avx2), case
+                    elif dtype == torch.float32:
+                        torch.testing.assert_close(got, avx2, rtol=1e-5, atol=1e-5, msg=str(case))
+                    else:  # float32 sums that differ in their last bits may round to neighbouring bf16
+                        torch.testing.assert_close(got, avx2, rtol=2**-7, atol=1e-3, msg=str(case))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _with_isa(isa, product):
+    """product() with TP_LLAMA_CPU_ISA=isa, the choice restored after."""
+    previous = os.environ.get(cpu_linear.ISA_VARIABLE)
+    os.environ[cpu_linear.ISA_VARIABLE] = isa
+    cpu_linear._quantized_isa.cache_clear()
+    try:
+        return product()
+    finally:
+        os.environ[cpu_linear.ISA_VARIABLE] = previous
+        cpu_linear._quantized_isa.cache_clear()
