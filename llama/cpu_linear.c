@@ -894,30 +894,48 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
 int has_quantized_kernels(void) { return 0; }
 #endif
 
-/* Rows [n0, n1) of the float32 weight that int8 (group 0) or int4 stored values stand for,
- * into out (row stride K): the blocks a float32 GEMM multiplies for products of many rows. */
-void dequantize_rows(const void *w, int64_t ldw, const void *scales, int sbf16, int64_t group, int64_t K, int64_t n0,
-                     int64_t n1, float *out, int threads) {
-    int64_t groups = group ? K / group : 0;
-#pragma omp parallel for num_threads(threads)
-    for (int64_t n = n0; n < n1; n++) {
-        float *o = out + (n - n0) * K;
-        if (!group) {
-            const int8_t *row = (const int8_t *)w + n * ldw;
-            float scale = element_at(scales, n, sbf16);
-            for (int64_t k = 0; k < K; k++) o[k] = row[k] * scale;
-        } else {
-            const uint8_t *row = (const uint8_t *)w + n * ldw;
-            for (int64_t g = 0; g < groups; g++) {
-                float scale = element_at(scales, (n * groups + g) * 2, sbf16);
-                float offset = element_at(scales, (n * groups + g) * 2 + 1, sbf16) - 8 * scale;
-                const uint8_t *bytes = row + g * group / 2;
-                float *og = o + g * group;
-                for (int64_t j = 0; j < group / 2; j++) {
-                    og[2 * j] = (bytes[j] >> 4) * scale + offset;
-                    og[2 * j + 1] = (bytes[j] & 15) * scale + offset;
-                }
-            }
+/* Row n of the float32 weight that int8 (group 0) or int4 stored values stand for, into o. */
+static void dequantize_row(const void *w, int64_t ldw, const void *scales, int sbf16, int64_t group, int64_t K,
+                           int64_t n, float *o) {
+    if (!group) {
+        const int8_t *row = (const int8_t *)w + n * ldw;
+        float scale = element_at(scales, n, sbf16);
+        for (int64_t k = 0; k < K; k++) o[k] = row[k] * scale;
+        return;
+    }
+    const uint8_t *row = (const uint8_t *)w + n * ldw;
+    for (int64_t g = 0, groups = K / group; g < groups; g++) {
+        float scale = element_at(scales, (n * groups + g) * 2, sbf16);
+        float offset = element_at(scales, (n * groups + g) * 2 + 1, sbf16) - 8 * scale;
+        const uint8_t *bytes = row + g * group / 2;
+        float *og = o + g * group;
+        for (int64_t j = 0; j < group / 2; j++) {
+            og[2 * j] = (bytes[j] >> 4) * scale + offset;
+            og[2 * j + 1] = (bytes[j] & 15) * scale + offset;
         }
     }
+}
+
+/* Rows [n0, n1) of that weight into out (row stride K), float32 or rounded to bf16 (out_bf16):
+ * the blocks a GEMM multiplies for products of many rows. Returns 0, or -1 if out of memory. */
+int dequantize_rows(const void *w, int64_t ldw, const void *scales, int sbf16, int64_t group, int64_t K, int64_t n0,
+                    int64_t n1, void *out, int out_bf16, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *row = out_bf16 ? malloc((size_t)K * sizeof(float)) : NULL;
+        failed = out_bf16 && !row;
+#pragma omp for
+        for (int64_t n = n0; n < n1; n++) {
+            if (!out_bf16) {
+                dequantize_row(w, ldw, scales, sbf16, group, K, n, (float *)out + (n - n0) * K);
+            } else if (row) {
+                dequantize_row(w, ldw, scales, sbf16, group, K, n, row);
+                uint16_t *o = (uint16_t *)out + (n - n0) * K;
+                for (int64_t k = 0; k < K; k++) o[k] = f32_to_bf16(row[k]);
+            }
+        }
+        free(row);
+    }
+    return failed ? -1 : 0;
 }

@@ -129,6 +129,13 @@ def _quantized_isa() -> int:
     return _avx512_isa("vnni")
 
 
+def _native_bf16_tiles() -> bool:
+    """Whether products of many rows by int8/int4 weights multiply bf16 tiles of the dequantized
+    weight (oneDNN's native bf16 GEMM) instead of float32 ones: where torch has native bf16 and
+    TP_LLAMA_CPU_ISA allows AVX-512."""
+    return NATIVE_BF16 and _bf16_isa() == ISA_AVX512
+
+
 def uses_bf16_kernel(weight: torch.Tensor) -> bool:
     """Whether bf16 products of this weight go through _bf16_linear (else F.linear)."""
     return uses_fp32_products(weight) or (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
@@ -156,8 +163,7 @@ def _library() -> ctypes.CDLL | None:
         c_int = ctypes.c_int
         lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int, c_int]
         lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
-        lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int]
-        lib.dequantize_rows.restype = None
+        lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int, c_int]
         lib.decode_attention.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64,
                                          ctypes.c_float, ptr, c_int]
     return lib
@@ -189,16 +195,16 @@ def _bf16_kernel(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _blocked_gemm(x32: torch.Tensor, n: int, k: int,
-                  fill: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
-    """x32 @ w.T, where fill(block, start, stop) writes rows [start, stop) of w in float32."""
-    y = torch.empty(x32.shape[0], n, dtype=torch.float32)
+def _blocked_gemm(x: torch.Tensor, n: int, k: int, fill: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
+    """x @ w.T, where fill(block, start, stop) writes rows [start, stop) of w in x's dtype
+    (float32, or bf16 where torch multiplies it natively)."""
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
     step = max(1, BLOCK_BYTES // (4 * k))
-    block = torch.empty(min(step, n), k, dtype=torch.float32)
+    block = torch.empty(min(step, n), k, dtype=x.dtype)
     for start in range(0, n, step):
         rows = block[:min(step, n - start)]
         fill(rows, start, start + rows.shape[0])
-        torch.mm(x32, rows.t(), out=y[:, start:start + step])
+        torch.mm(x, rows.t(), out=y[:, start:start + step])
     return y
 
 
@@ -233,10 +239,16 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     scales_bf16 = scales.dtype == torch.bfloat16
     if rows > QUANTIZED_FEW_ROWS or (group_size and k % INT4_KERNEL_COLUMNS):
         def fill(block: torch.Tensor, start: int, stop: int) -> None:
-            lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size, k,
-                                start, stop, block.data_ptr(), threads)
+            if lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size,
+                                   k, start, stop, block.data_ptr(), block.dtype == torch.bfloat16, threads) != 0:
+                raise MemoryError(f"a row of {k} float32 weights")
         x32 = x.reshape(rows, k).to(torch.float32)
-        y = _blocked_gemm(round_int4_activations(x32, group_size) if group_size else x32, n, k, fill)
+        x32 = round_int4_activations(x32, group_size) if group_size else x32
+        # Prefill multiplies bf16 tiles where torch multiplies bf16 natively (TP_LLAMA_CPU_ISA=avx2
+        # keeps float32 ones); a few rows of a width the int4 kernel does not take keep float32,
+        # the kernel's result up to float sums.
+        bf16_tiles = x.dtype == torch.bfloat16 and rows > QUANTIZED_FEW_ROWS and _native_bf16_tiles()
+        y = _blocked_gemm(x32.to(torch.bfloat16) if bf16_tiles else x32, n, k, fill)
         return y.to(x.dtype).view(*x.shape[:-1], n)
     compute = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
     compute = compute.contiguous()

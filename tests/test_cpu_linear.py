@@ -180,11 +180,14 @@ def test_quantized_kernels_of_each_instruction_set(kernel_isa, threads):
     """int8 and int4 kernels against the dequantized product, activations and scales float32 and
     bf16; (out, in) shapes with rows of 64 + 128 columns (a last half block), of 4096 columns (two
     int8 spans), odd counts of output rows; every group size; 1-4 activation rows (one pass), 5 (4
-    and 1) and QUANTIZED_FEW_ROWS. int8: AVX-512 VNNI's integer sums are AVX2's, and its outputs
+    and 1), QUANTIZED_FEW_ROWS, and 42 (prefill: a GEMM on dequantized tiles). int8: AVX-512 VNNI's integer sums are AVX2's, and its outputs
     AVX2's bit for bit; int4: the same integer sums, the float ones in another order."""
     from llama import quantize
 
     forced(kernel_isa, cpu_linear._quantized_isa(), "VNNI")
+    # Products of many rows multiply bf16 tiles where torch has native bf16 and AVX-512 is allowed
+    bf16_tiles = cpu_linear._native_bf16_tiles()
+    assert bf16_tiles == (cpu_linear.NATIVE_BF16 and kernel_isa == "avx512")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -198,11 +201,25 @@ def test_quantized_kernels_of_each_instruction_set(kernel_isa, threads):
             stored = quantize.quantize(weight, scheme, dtype)
             operands = quantize.kernel_operands(scheme, stored["weight"], stored["scales"], stored.get("zeros"), dtype)
             dequantized = quantize.dequantize(stored["weight"], stored["scales"], stored.get("zeros")).double()
-            x = torch.randn(cpu_linear.QUANTIZED_FEW_ROWS, k, generator=g).to(dtype)
-            for rows in (1, 2, 3, 4, 5, cpu_linear.QUANTIZED_FEW_ROWS):
+            x = torch.randn(42, k, generator=g).to(dtype)
+            for rows in (1, 2, 3, 4, 5, cpu_linear.QUANTIZED_FEW_ROWS, 42):
                 got = cpu_linear._quantized_linear(x[:rows], *operands, group)
                 expected = F.linear(x[:rows].double(), dequantized)
                 case = (n, k, group, rows, dtype)
+                if rows > cpu_linear.QUANTIZED_FEW_ROWS:  # tiles of the dequantized weight
+                    # int4 multiplies the activations rounded as its kernel rounds them
+                    xr = cpu_linear.round_int4_activations(x[:rows].float(), group) if group else x[:rows]
+                    expected = F.linear(xr.double(), dequantized)
+                    if dtype == torch.bfloat16 and bf16_tiles:
+                        # each weight and activation rounded to bf16 (half a step: 2^-9 of each),
+                        # float32 sums, the output rounded to bf16
+                        bound = 2**-8 * F.linear(xr.double().abs(), dequantized.abs()) + 2**-8 * expected.abs()
+                        assert ((got.double() - expected).abs() <= bound).all(), case
+                    else:
+                        tolerance = 2e-2 if dtype == torch.bfloat16 else 5e-4
+                        torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance,
+                                                   msg=str(case))
+                    continue
                 if group:  # int8 activations: under a sixth of the error of the weights' own rounding,
                     # plus half a bf16 step of each output in bf16
                     own_rounding = F.linear(x[:rows].double(), dequantized - weight.double()).norm()
