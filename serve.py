@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from llama import benchmarking as bench
@@ -181,7 +182,11 @@ def main() -> None:
     config = engine_config(args, model)
     log(describe_pool(config, model))
     engine = Engine(model, config, tokenizer)
-    log(f"warm-up{' (compiling the decode step)' if args.compile else ''}: {warm_up(engine):.1f} s")
+    seconds = warm_up(engine)
+    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(runtime.device) / 2**30:.2f} GiB (the longest "
+            "prompt's prefill included)" if runtime.device.type == "cuda" else "")
+    log(f"warm-up{' (compiling the decode step)' if args.compile else ''}, a {engine.max_seq_len - 1}-token "
+        f"prompt included: {seconds:.1f} s{peak}")
     sock = bind(args.host, args.port, runtime)
     scheduler = server = None
     if runtime.is_main:

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from llama.chat import (PYTHON_TAG, ChatFormat, ToolCall, chat_stop_ids, dialog_problem, encode_dialog,
@@ -467,7 +468,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: HTTPRequest):
         check_common(body)
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
             else [body.prompt]
@@ -487,10 +488,10 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         job = Job(scheduler, choices)
         reply = Reply("cmpl", "text_completion", config.model_name, job, tokenizer, chat=False,
                       logprobs=body.logprobs is not None)
-        return reply.stream(body) if body.stream else await reply.whole()
+        return reply.stream(body) if body.stream else await reply.whole(request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         check_common(body)
         if not body.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
@@ -516,7 +517,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         job = Job(scheduler, choices)
         reply = Reply("chatcmpl", "chat.completion", config.model_name, job, tokenizer, chat=True,
                       logprobs=body.logprobs)
-        return reply.stream(body) if body.stream else await reply.whole()
+        return reply.stream(body) if body.stream else await reply.whole(request)
 
     def offered_tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, dict | None]:
         """The tools put in the prompt (None when none are offered), and the JSON schema a tool
@@ -598,10 +599,17 @@ class Reply:
         return {"tokens": [piece(t) for t in tokens], "token_logprobs": logprobs, "top_logprobs": alternatives,
                 "text_offset": offsets}
 
-    async def whole(self) -> dict:
+    async def whole(self, request: HTTPRequest) -> dict:
         texts = [c.prefix for c in self.job.choices]
-        async for update in self.job.updates():
-            texts[update.index] += update.text
+        # The client may leave while its reply is generated: the engine stops at once, and the
+        # request's KV cache is freed within a step (the reply then goes nowhere).
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, self.job))
+        try:
+            async for update in self.job.updates():
+                texts[update.index] += update.text
+        finally:
+            watcher.cancel()
+            self.job.cancel_unfinished()
         choices = []
         for i, (choice, text) in enumerate(zip(self.job.choices, texts)):
             logprobs = self._logprobs(choice.tokens, choice.logprobs, choice.top_logprobs, len(choice.prefix))
@@ -618,8 +626,11 @@ class Reply:
 
     def stream(self, body: SamplingFields) -> StreamingResponse:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # The background task runs however the response ends: after the stream, or when the client
+        # leaves, even before the stream's first step (a generator never started runs no finally).
         return StreamingResponse(self._chunks(include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(self.job.cancel_unfinished))
 
     def _choice_chunk(self, index: int, text: str, logprobs: dict | None, finish: str | None,
                       role: bool = False) -> dict:
@@ -672,6 +683,14 @@ class Reply:
             # A client that went away mid-stream cancels what it no longer reads.
             self.job.cancel_unfinished()
         yield "data: [DONE]\n\n"
+
+
+async def _cancel_on_disconnect(request: HTTPRequest, job: Job) -> None:
+    """Wait for the client to close the connection (once its body is read, receive() returns
+    only then), and cancel what it would have been sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel_unfinished()
 
 
 def _may_be_tool_call(text: str) -> bool:

@@ -218,8 +218,14 @@ def test_warm_up_runs_every_sampling_variant(model):
     pick = engine.sampler._sample_rows
     engine.sampler._sample_rows = lambda rows: lambda *inputs: (variants.append((inputs[-2], inputs[-1] is not None))
                                                                 or pick(rows)(*inputs))
+    submitted = []
+    submit = engine.submit
+    engine.submit = lambda request: submitted.append(len(request.prompt)) or submit(request)
     warm_up(engine)
     assert set(variants) == {(False, False), (True, False), (False, True), (True, True)}
+    # and the longest prompt the server accepts, so that its prefill runs out of memory at start if
+    # it must, rather than on a client's request
+    assert max(submitted) == engine.max_seq_len - 1
 
 
 def test_compiled_steps_keep_to_their_model_and_shape(model):

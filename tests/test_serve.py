@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import re
@@ -429,3 +430,100 @@ def test_api_key_sources(tmp_path, monkeypatch):
         key(api_key="a", api_key_file=tmp_path / "key")
     assert [serve.is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.1", "example.org")] \
         == [True, True, True, False, False, False]
+
+
+def finished(server) -> dict[str, float]:
+    """Requests finished so far, by reason (from /metrics)."""
+    text = raw(server, "GET", "/metrics").text
+    return {m[1]: float(m[2]) for m in re.finditer(r'request_success_total\{finished_reason="(\w+)"\} (\S+)', text)}
+
+
+def test_a_client_that_leaves_cancels_its_request_in_every_path(server):
+    """A whole (non-streamed) reply whose client closes its socket while it is generated, and
+    streams whose clients close before they start (right after sending, at several delays: the
+    server may see the close before it reads the body, before the stream's first step or
+    during it): each is cancelled or never started, none runs on to max_tokens, and the slots
+    are free at once."""
+    eos = Tokenizer(server_tokenizer(server)).eos_id  # never chosen: each would run to max_tokens
+    body = json.dumps({"prompt": PROMPTS[5], "max_tokens": 120, "temperature": 0,
+                       "logit_bias": {str(eos): -100}}).encode()
+    streamed = body[:-1] + b', "stream": true}'
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    before = finished(server)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(post_head(server, len(body), API_KEY) + body)
+        deadline = time.monotonic() + 30
+        while raw(server, "GET", "/health").json()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while finished(server).get("cancelled", 0) == before.get("cancelled", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert finished(server) == {**before, "cancelled": before.get("cancelled", 0) + 1}
+    for delay in (0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(post_head(server, len(streamed), API_KEY) + streamed)
+            time.sleep(delay)
+    assert wait_idle(server, timeout=5) == {"status": "ok", "running": 0, "waiting": 0}
+    after = finished(server)
+    assert {k: v for k, v in after.items() if k != "cancelled"} == {k: v for k, v in before.items() if k != "cancelled"}
+
+
+def test_load_and_abuse(server, reference):
+    """16 clients send 32 well-formed requests (retrying a 503 after Retry-After) while 4 others
+    send oversize bodies, wrong keys, malformed JSON, giant stop lists and requests they leave
+    mid-way: every well-formed request gets generate.py's greedy text, every bad one its 4xx,
+    and then nothing runs, waits or holds a slot."""
+    tokenizer = Tokenizer(server_tokenizer(server))
+    jobs = [(PROMPTS[i % len(PROMPTS)], 2 + (7 * i) % 13) for i in range(32)]
+    stop = threading.Event()
+
+    def ask(job):
+        prompt, max_tokens = job
+        while True:
+            r = raw(server, "POST", "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
+                                                             "temperature": 0})
+            if r.status_code != 503:
+                return r
+            time.sleep(float(r.headers["Retry-After"]) / 10)
+
+    def leave_mid_way() -> int:
+        body = json.dumps({"prompt": PROMPTS[4], "max_tokens": 100}).encode()
+        host, port = server.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(post_head(server, len(body), API_KEY) + body)
+            time.sleep(0.05)
+        return 0
+
+    def status_of(answer: bytes) -> int:
+        return int(answer.split(b" ", 2)[1])
+
+    abuse = [(lambda: status_of(exchange(server, post_head(server, 40_000_000, API_KEY))), 413),
+             (lambda: raw(server, "POST", "/v1/completions", key="wrong", json={"prompt": "hi"}).status_code, 401),
+             (lambda: raw(server, "POST", "/v1/completions", content=b'{"prompt": "hi",',
+                          headers={"Content-Type": "application/json"}).status_code, 400),
+             (lambda: raw(server, "POST", "/v1/completions", json={"prompt": "hi", "stop": ["x" * 20_000] * 10})
+              .status_code, 400),
+             (leave_mid_way, 0)]
+
+    def abuser(offset: int) -> list[tuple[int, int]]:
+        seen = []
+        for i in itertools.count(offset):
+            if stop.is_set():
+                return seen
+            send, expected = abuse[i % len(abuse)]
+            seen.append((send(), expected))
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        abusers = [pool.submit(abuser, k) for k in range(4)]
+        answers = list(pool.map(ask, jobs))  # 16 clients at a time
+        stop.set()
+        abused = [pair for future in abusers for pair in future.result()]
+    assert len(abused) >= 10 and all(got == expected for got, expected in abused), abused
+    for (prompt, max_tokens), answer in zip(jobs, answers):
+        assert answer.status_code == 200, answer.text
+        expected = tokenizer.decode(reference[prompt]["tokens"][:max_tokens])
+        assert answer.json()["choices"][0]["text"] == expected, (prompt, max_tokens)
+    assert wait_idle(server) == {"status": "ok", "running": 0, "waiting": 0}
+    metrics = raw(server, "GET", "/metrics").text
+    assert re.search(r"^tp_llama:num_requests_running 0\.0$", metrics, re.M)
+    assert re.search(r"^tp_llama:num_requests_waiting 0\.0$", metrics, re.M)
