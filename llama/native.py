@@ -116,7 +116,9 @@ def build(source: Path, flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     (truncated, foreign) is rebuilt once."""
     compiler = _compiler()
     if compiler is None:
-        _fall_back(source, f"no C compiler: CC={os.environ.get('CC', '')!r}, and no cc or gcc on PATH")
+        cc = os.environ.get("CC", "")
+        _fall_back(source, f"no C compiler: CC={cc!r} is not a command" if cc.strip() else "no C compiler: no cc or "
+                   "gcc on PATH; install one or set CC")
         return None
     command = [*compiler, "-O3", "-shared", "-fPIC", *flags]
     key = hashlib.sha256(source.read_bytes() + " ".join((*command, os.uname().machine)).encode()).hexdigest()[:16]

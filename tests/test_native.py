@@ -47,7 +47,7 @@ def test_compiler_with_arguments(tmp_path, source, monkeypatch):
     assert native.build(source).answer() == 42
 
 
-@pytest.mark.parametrize("cc, fragment", [("/nonexistent/cc", "no C compiler: CC='/nonexistent/cc'"),
+@pytest.mark.parametrize("cc, fragment", [("/nonexistent/cc", "no C compiler: CC='/nonexistent/cc' is not a command"),
                                           ("false", "false exited with status 1")])
 def test_missing_or_failing_compiler(tmp_path, source, monkeypatch, capsys, cc, fragment):
     monkeypatch.setenv("CC", cc)
