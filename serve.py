@@ -29,7 +29,7 @@ from llama.errors import UserError
 from llama.engine import Engine, use_compiled_decode
 from llama.engine.options import add_engine_arguments, check_engine_arguments, describe_pool, engine_config
 from llama.model import Transformer
-from llama.serving import Metrics, Scheduler, run_engine_loop, warm_up
+from llama.serving import Metrics, Scheduler, longest_prompt, run_engine_loop, warm_up
 from llama.tokenizer import Tokenizer
 
 # Where the API key may come from instead of --api_key (which every user sees in ps).
@@ -185,7 +185,7 @@ def main() -> None:
     seconds = warm_up(engine)
     peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(runtime.device) / 2**30:.2f} GiB (the longest "
             "prompt's prefill included)" if runtime.device.type == "cuda" else "")
-    log(f"warm-up{' (compiling the decode step)' if args.compile else ''}, a {engine.max_seq_len - 1}-token "
+    log(f"warm-up{' (compiling the decode step)' if args.compile else ''}, a {longest_prompt(engine)}-token "
         f"prompt included: {seconds:.1f} s{peak}")
     sock = bind(args.host, args.port, runtime)
     scheduler = server = None

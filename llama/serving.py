@@ -289,6 +289,12 @@ class TextStream:
         return longest
 
 
+def longest_prompt(engine: Engine) -> int:
+    """Tokens of the longest prompt the engine takes: one new token must fit within max_seq_len
+    and within the whole KV cache pool."""
+    return min(engine.max_seq_len, engine.capacity_tokens) - 1
+
+
 def warm_up(engine: Engine) -> float:
     """Run greedy and sampled requests, with and without logits processing, through the
     engine before serving, so that the first client does not pay for compilation (and CUDA
@@ -298,7 +304,7 @@ def warm_up(engine: Engine) -> float:
     start = time.perf_counter()
     greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9, seed=0)
     processed = LogitsParams(top_logprobs=1)
-    longest = [0] * (engine.max_seq_len - 1)  # leaves room for one new token
+    longest = [0] * longest_prompt(engine)
     # One after the other: a step with any sampled row runs the sampled variant for all rows,
     # and one with any row asking for logits processing (penalties, grammars...) that variant.
     for i, (sampling, logits) in enumerate([(greedy, LogitsParams()), (sampled, LogitsParams()),
