@@ -26,6 +26,8 @@ def parse_args() -> argparse.Namespace:
                    "output row) or int4 (one scale and zero per group of inputs); the embedding stays in --dtype")
     p.add_argument("--group_size", type=int, help=f"int4's group size: {', '.join(map(str, quantize.GROUP_SIZES))} "
                    f"(default {quantize.DEFAULT_GROUP_SIZE})")
+    p.add_argument("--keep_fp8", action="store_true", help="Llama 3.1 405B FP8: store its FP8 weights as they are, "
+                   "with row-wise scales (run as FP8 products on GPUs that have them); default: dequantized to --dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_checkpoint_dir")
     return p.parse_args()
 
@@ -37,10 +39,12 @@ def main() -> None:
             raise UserError(f"--{flag} {getattr(args, flag)}: use a positive number")
     group_size = args.group_size or (quantize.DEFAULT_GROUP_SIZE if args.quantize == "int4" else None)
     quantize.check_scheme(args.quantize, group_size)
+    if args.keep_fp8 and args.quantize:
+        raise UserError(f"--keep_fp8 and --quantize {args.quantize}: choose one")
     runtime = init_runtime(use_gpus=False)
     ckpt = MetaCheckpoint(args.original_ckpt_dir, args.tokenizer_path, args.model_parallel_size,
                           max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
-    scheme = quantize.Scheme(args.quantize, group_size) if args.quantize else None
+    scheme = quantize.Scheme("fp8") if args.keep_fp8 else quantize.Scheme(args.quantize, group_size) if args.quantize else None
     convert(ckpt, args.save_checkpoint_dir, runtime, args.dtype, args.overwrite, scheme)
 
 

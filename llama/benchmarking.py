@@ -131,7 +131,8 @@ def decode_bytes_per_step(args: ModelArgs, tp: int, batch_size: int, cache_len: 
             cols //= tp
         else:
             rows //= tp
-        linears += quantize.stored_bytes(scheme, rows, cols, element_size) if scheme else rows * cols * element_size
+        linears += (quantize.stored_bytes(scheme, rows, cols, element_size) if quantize.quantizes(scheme, name, args.n_layers)
+                    else rows * cols * element_size)
     norms = sum(shape[0] for shape in args.weight_shapes().values() if len(shape) == 1)
     embedding_rows = batch_size * args.dim // tp
     return linears + element_size * (norms + embedding_rows) + kv_cache_bytes(args, tp, batch_size, cache_len,

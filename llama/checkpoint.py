@@ -24,7 +24,7 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.tensor import DTensor, Shard
 
-from llama import quantize
+from llama import meta_format, quantize
 from llama.args import ModelArgs
 from llama.distributed import Runtime, log, max_over_ranks, peak_rss_bytes
 from llama.errors import UserError
@@ -48,15 +48,22 @@ DEFAULT_DTYPE = "bfloat16"
 
 @dataclass
 class MergePlan:
-    """How one weight is split across the Meta shards: concatenated along `dim`, or replicated."""
+    """How one weight is split across the Meta shards: concatenated along `dim`, or replicated.
+    `duplicates` > 1: each run of that many consecutive shards holds the same rows (Llama 3.1
+    405B MP16's KV heads), read from the first of each run and checked against the others."""
 
     shape: tuple[int, ...]
     dim: int | None
     source: str  # key in the shards; output.weight may come from the tied embedding
+    duplicates: int = 1
 
 
 class MetaCheckpoint:
-    """A Meta-format checkpoint directory, memory-mapped and validated against params.json."""
+    """A Meta-format checkpoint directory, memory-mapped and validated against params.json.
+
+    Besides bf16 shards it reads Meta's other layouts (see meta_format): FP8 feed-forward
+    weights with their fp8_scales_X.pt (dequantized here, slice by slice) and duplicated KV
+    heads (read once)."""
 
     def __init__(self, ckpt_dir: Path, tokenizer_path: Path | None = None, model_parallel_size: int | None = None,
                  **arg_overrides: object) -> None:
@@ -76,9 +83,20 @@ class MetaCheckpoint:
             raise UserError(f"--tokenizer_path {tokenizer.path}: {tokenizer.n_words} tokens, but params.json says "
                             f"vocab_size {args.vocab_size}; pass the tokenizer that came with this checkpoint")
         args.check(str(self.dir / "params.json"))
-        self.args = args
         self.shards = [self._open(p) for p in self.paths]
+        self.fp8_scales = meta_format.read_fp8_scales(self.paths, self.shards)
+        self.kv_duplicates = meta_format.kv_head_duplicates(args, self.shards)
+        args.n_kv_heads //= self.kv_duplicates
+        self.args = args
         self.plans = self._plan()
+
+    @property
+    def format(self) -> str:
+        """What the files are, in a few words (the conversion's log line)."""
+        kinds = ["FP8 feed-forward weights with row-wise scales"] if self.fp8_scales else []
+        if self.kv_duplicates > 1:
+            kinds.append(f"each KV head duplicated {self.kv_duplicates}x (read once)")
+        return "; ".join(kinds) or "bf16"
 
     def _open(self, path: Path) -> dict[str, torch.Tensor]:
         try:
@@ -102,11 +120,12 @@ class MetaCheckpoint:
         plans = {}
         for name, shape in expected.items():
             source = name if name in self.shards[0] else "tok_embeddings.weight"
-            plans[name] = MergePlan(shape, self._concat_dim(source, shape), source)
+            duplicates = self.kv_duplicates if meta_format.is_kv_projection(name) else 1
+            plans[name] = MergePlan(shape, self._concat_dim(source, shape, duplicates), source, duplicates)
         return plans
 
-    def _concat_dim(self, name: str, shape: tuple[int, ...]) -> int | None:
-        shapes = [tuple(s[name].shape) for s in self.shards]
+    def _concat_dim(self, name: str, shape: tuple[int, ...], duplicates: int) -> int | None:
+        shapes = [tuple(s[name].shape) for s in self.shards[::duplicates]]
         if all(s == shape for s in shapes):
             for path, shard in zip(self.paths[1:], self.shards[1:]):
                 if not torch.equal(shard[name], self.shards[0][name]):
@@ -116,25 +135,61 @@ class MetaCheckpoint:
             others_match = all(s[:dim] + s[dim + 1:] == shape[:dim] + shape[dim + 1:] for s in shapes)
             if others_match and sum(s[dim] for s in shapes) == shape[dim]:
                 return dim
-        raise UserError(f"{self.paths[0]}: {name} has shape {list(shapes[0])} in each of {len(shapes)} shard(s), "
-                        f"which does not add up to {list(shape)} from params.json; is params.json from this model?")
+        raise UserError(f"{self.paths[0]}: {name} has shape {list(shapes[0])} in each of {len(self.paths)} shard(s), "
+                        f"which does not add up to {list(shape)} from params.json; are the shards and params.json "
+                        "from the same download, all of them?")
+
+    def _pieces(self, name: str, dim: int, start: int, stop: int,
+                first: int = 0) -> list[tuple[int, torch.Tensor, int]]:
+        """The parts of [start, stop) along `dim` of the merged weight, each as (shard index,
+        that shard's tensor narrowed, the shard's row its first row is), in order; with
+        duplicated shards, from the `first`-th of each run."""
+        plan = self.plans[name]
+        indices = list(range(first, len(self.shards), plan.duplicates))
+        parts = [self.shards[i][plan.source] for i in indices]
+        if plan.dim is None:
+            return [(0, parts[0].narrow(dim, start, stop - start), start if dim == 0 else 0)]
+        if plan.dim != dim:
+            return [(i, p.narrow(dim, start, stop - start), start if dim == 0 else 0) for i, p in zip(indices, parts)]
+        pieces, offset = [], 0
+        for i, p in zip(indices, parts):
+            lo, hi = max(start, offset), min(stop, offset + p.shape[dim])
+            if lo < hi:
+                pieces.append((i, p.narrow(dim, lo - offset, hi - lo), lo - offset if dim == 0 else 0))
+            offset += p.shape[dim]
+        return pieces
 
     def slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """[start, stop) along `dim` of the merged weight, reading only that part of the shards
-        and copying nothing when it is exactly one shard."""
+        and copying nothing when it is exactly one bf16 shard. FP8 parts come dequantized to
+        float32 with their own shard's row scales; duplicated parts are checked equal."""
         plan = self.plans[name]
-        parts = [s[plan.source] for s in self.shards]
-        if plan.dim is None:
-            return parts[0].narrow(dim, start, stop - start)
-        if plan.dim != dim:
-            return torch.cat([p.narrow(dim, start, stop - start) for p in parts], dim=plan.dim)
-        pieces, offset = [], 0
-        for p in parts:
-            lo, hi = max(start, offset), min(stop, offset + p.shape[dim])
-            if lo < hi:
-                pieces.append(p.narrow(dim, lo - offset, hi - lo))
-            offset += p.shape[dim]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        pieces = self._pieces(name, dim, start, stop)
+        for copy in range(1, plan.duplicates):
+            for (i, piece, _), (j, twin, _) in zip(pieces, self._pieces(name, dim, start, stop, copy)):
+                if not torch.equal(piece, twin):
+                    raise UserError(f"{self.paths[j]}: {name} should duplicate the KV head in {self.paths[i].name} "
+                                    "(params.json's n_kv_heads counts each duplicate) but differs from it; "
+                                    "re-download the shards")
+        tensors = [self._dequantized(name, i, piece, row) for i, piece, row in pieces]
+        cat_dim = dim if plan.dim == dim else plan.dim if plan.dim is not None else dim
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=cat_dim)
+
+    def fp8_rows(self, name: str, start: int, stop: int) -> dict[str, torch.Tensor] | None:
+        """Rows [start, stop) of an FP8 weight as they are stored, with their shards' row scales
+        ({"weight", "scales"}, llama.quantize's fp8 layout), when the shards split it by rows
+        (w1, w3); None when each row is split over shards scaled apart (w2)."""
+        if self.plans[name].dim != 0:
+            return None
+        pieces = self._pieces(name, 0, start, stop)
+        scales = [self.fp8_scales[i][name].narrow(0, row, piece.shape[0]) for i, piece, row in pieces]
+        return {"weight": torch.cat([piece for _, piece, _ in pieces]), "scales": torch.cat(scales)}
+
+    def _dequantized(self, name: str, shard: int, piece: torch.Tensor, row: int) -> torch.Tensor:
+        if piece.dtype != torch.float8_e4m3fn:
+            return piece
+        scales = self.fp8_scales[shard][name].narrow(0, row, piece.shape[0])
+        return piece.float() * scales[:, None]
 
 
 def _shard_paths(ckpt_dir: Path) -> list[Path]:
@@ -165,8 +220,21 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
     _check_output(out_dir, [ckpt.dir, ckpt.tokenizer.path], overwrite)
     if scheme and scheme.name == "int4":
         quantize.check_group_size(ckpt.args, scheme.group_size, "--group_size")
-    log(f"{ckpt.dir}: {len(ckpt.paths)} shard(s), {ckpt.args.n_layers} layers, dim {ckpt.args.dim}, "
-        f"vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
+    if scheme and scheme.name == "fp8":
+        _check_fp8_kept(ckpt)
+    start = time.perf_counter()
+    # Everything is read and checked before anything is written: a bad part of the shards
+    # that only one rank reads (a duplicated KV head that differs) stops every rank alike.
+    try:
+        state, problem = _local_state(ckpt, runtime, DTYPES[dtype], scheme), None
+    except UserError as e:
+        state, problem = {}, str(e)
+    problems = [None] * runtime.world_size
+    dist.all_gather_object(problems, problem)
+    if any(problems):
+        raise UserError(next(p for p in problems if p))
+    log(f"{ckpt.dir}: {len(ckpt.paths)} shard(s) ({ckpt.format}), {ckpt.args.n_layers} layers, dim "
+        f"{ckpt.args.dim}, vocab {ckpt.args.vocab_size}; converting on {runtime.world_size} rank(s)")
     names = [None]
     if runtime.is_main:  # a name no other job uses: two conversions to one folder never share it
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -177,36 +245,15 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
     dist.broadcast_object_list(names, src=0)
     staging = Path(names[0])
     try:
-        _write(ckpt, staging, runtime, dtype, scheme, out_dir)
+        _write(ckpt, state, staging, runtime, dtype, scheme, out_dir, start)
     except BaseException:
         if runtime.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _write(ckpt: MetaCheckpoint, staging: Path, runtime: Runtime, dtype: str, scheme: quantize.Scheme | None,
-           out_dir: Path) -> None:
-    start = time.perf_counter()
-    torch_dtype = DTYPES[dtype]
-    state: dict[str, torch.Tensor] = {}
-    for name, plan in ckpt.plans.items():
-        if len(plan.shape) == 1:  # norms: tiny, kept whole on every rank (DCP writes one copy)
-            state[name] = ckpt.slice(name, 0, 0, plan.shape[0]).to(torch_dtype)
-            continue
-        if scheme and quantize.is_quantized(name, plan.shape):
-            # Whole rows on each rank, so that every scale sees its whole row or group.
-            lo, hi = _local_range(plan.shape[0], runtime.rank, runtime.world_size)
-            prefix = name.removesuffix("weight")
-            for key, local in quantize.quantize(ckpt.slice(name, 0, lo, hi), scheme, torch_dtype).items():
-                state[prefix + key] = _row_sharded(local, plan.shape[0], runtime)
-            continue
-        # Split the way Meta did, so that converting on as many ranks as there are shards
-        # hands each shard's memory-mapped tensor to DCP as it is, without a copy.
-        dim = plan.dim or 0
-        lo, hi = _local_range(plan.shape[dim], runtime.rank, runtime.world_size)
-        local = ckpt.slice(name, dim, lo, hi).to(torch_dtype).contiguous()
-        state[name] = DTensor.from_local(local, runtime.mesh, [Shard(dim)], shape=torch.Size(plan.shape),
-                                         stride=torch.empty(plan.shape, device="meta").stride())
+def _write(ckpt: MetaCheckpoint, state: dict[str, torch.Tensor], staging: Path, runtime: Runtime, dtype: str,
+           scheme: quantize.Scheme | None, out_dir: Path, start: float) -> None:
     dcp.save(state, checkpoint_id=staging)
 
     if runtime.is_main:
@@ -258,6 +305,46 @@ def _replace(out_dir: Path, staging: Path) -> None:
     out_dir.rename(aside / out_dir.name)
     staging.rename(out_dir)
     shutil.rmtree(aside)
+
+
+def _local_state(ckpt: MetaCheckpoint, runtime: Runtime, torch_dtype: torch.dtype,
+                 scheme: quantize.Scheme | None) -> dict[str, torch.Tensor]:
+    """This rank's part of every weight, as DTensors of the whole (norms whole on every rank)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, plan in ckpt.plans.items():
+        if len(plan.shape) == 1:  # norms: tiny, kept whole on every rank (DCP writes one copy)
+            state[name] = ckpt.slice(name, 0, 0, plan.shape[0]).to(torch_dtype)
+            continue
+        if quantize.quantizes(scheme, name, ckpt.args.n_layers):
+            # Whole rows on each rank, so that every scale sees its whole row or group.
+            lo, hi = _local_range(plan.shape[0], runtime.rank, runtime.world_size)
+            prefix = name.removesuffix("weight")
+            stored = scheme.name == "fp8" and ckpt.fp8_rows(name, lo, hi)
+            for key, local in (stored or quantize.quantize(ckpt.slice(name, 0, lo, hi), scheme, torch_dtype)).items():
+                state[prefix + key] = _row_sharded(local, plan.shape[0], runtime)
+            continue
+        # Split the way Meta did, so that converting on as many ranks as there are shards
+        # hands each shard's memory-mapped tensor to DCP as it is, without a copy.
+        dim = plan.dim or 0
+        lo, hi = _local_range(plan.shape[dim], runtime.rank, runtime.world_size)
+        local = ckpt.slice(name, dim, lo, hi).to(torch_dtype).contiguous()
+        state[name] = DTensor.from_local(local, runtime.mesh, [Shard(dim)], shape=torch.Size(plan.shape),
+                                         stride=torch.empty(plan.shape, device="meta").stride())
+    return state
+
+
+def _check_fp8_kept(ckpt: MetaCheckpoint) -> None:
+    """--keep_fp8 stores FP8 exactly the weights llama.quantize's fp8 scheme names."""
+    if not ckpt.fp8_scales:
+        raise UserError(f"--keep_fp8: {ckpt.dir} holds no FP8 weights (no fp8_scales_*.pt beside FP8 shards); "
+                        "leave the flag out, or use --quantize")
+    fp8 = {name for name, t in ckpt.shards[0].items() if t.dtype == meta_format.FP8}
+    expected = {name for name in ckpt.plans if quantize.quantizes(quantize.Scheme("fp8"), name, ckpt.args.n_layers)}
+    if fp8 != expected:
+        odd = sorted(fp8 ^ expected)[0]
+        raise UserError(f"--keep_fp8: {ckpt.paths[0]}: {odd} is {'' if odd in fp8 else 'not '}FP8, unlike Meta's FP8 "
+                        "checkpoints (w1/w3/w2 of every layer but the first and last); convert without --keep_fp8 "
+                        "(dequantized to bf16)")
 
 
 def _row_sharded(local: torch.Tensor, rows: int, runtime: Runtime) -> DTensor:
@@ -351,7 +438,10 @@ def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:
 
 
 def _stored_scheme(stored: dict[str, object], args: ModelArgs) -> quantize.Scheme | None:
-    """The quantization a checkpoint's tensors show (the output projection's, like every linear's)."""
+    """The quantization a checkpoint's tensors show (the output projection's, like every linear's
+    in int8 and int4; fp8 leaves it and shows in the feed-forward)."""
+    if any(getattr(getattr(t, "properties", None), "dtype", None) == quantize.FP8 for t in stored.values()):
+        return quantize.Scheme("fp8")
     output = stored.get("output.weight")
     dtype = getattr(getattr(output, "properties", None), "dtype", None)
     if dtype == torch.int8:

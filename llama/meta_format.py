@@ -1,21 +1,99 @@
-"""Writing checkpoints in Meta's fairscale layout: what the demo and the tests feed to the converter.
+"""Meta's fairscale layout: writing it (what the demo and the tests feed to the converter), and
+reading the variants Meta ships besides bf16 shards.
 
 Meta saves model-parallel rank r's slice of every weight in consolidated.0r.pth: column-
 parallel weights split by rows, row-parallel ones by columns, norms whole in every file,
 the embedding split by columns (Llama 2's ParallelEmbedding) or by rows (Llama 3's
 VocabParallelEmbedding).
+
+Variants (layouts as Meta's llama-models writes and reads them):
+- Llama 3.1 405B FP8: in every layer but the first and the last, feed_forward.w1/w3/w2 are
+  float8_e4m3fn, and fp8_scales_r.pt beside consolidated.0r.pth maps
+  "{layer}_feed_forward.{w1|w3|w2}_{r}" to float32 scales, one per row of shard r's slice
+  (each shard quantized on its own: weight = fp8 value x its row's scale). w2 is split by
+  columns, so its shards scale the same row differently.
+- Llama 3.1 405B bf16 MP16: 16 shards, params.json says n_kv_heads 16, but the model has 8:
+  each KV head is stored in 2 consecutive shards, one per fairscale rank that needed it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from llama.args import ModelArgs
+from llama.errors import UserError
 
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+FP8 = torch.float8_e4m3fn
+FP8_SCALES_FILE = "fp8_scales_{}.pt"
+FP8_WEIGHT = re.compile(r"layers\.(\d+)\.feed_forward\.(w[123])\.weight")
+KV_PROJECTIONS = ("attention.wk.weight", "attention.wv.weight")
+
+
+def is_kv_projection(name: str) -> bool:
+    return name.endswith(KV_PROJECTIONS)
+
+
+def fp8_scales_key(name: str, shard: int) -> str:
+    """The key of an FP8 weight's row scales in fp8_scales_{shard}.pt."""
+    layer, weight = FP8_WEIGHT.fullmatch(name).groups()
+    return f"{layer}_feed_forward.{weight}_{shard}"
+
+
+def read_fp8_scales(paths: list[Path], shards: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]] | None:
+    """Per shard, each FP8 weight's float32 row scales from the fp8_scales_r.pt beside it
+    (memory-mapped), checked against the weight; None when no weight is FP8."""
+    if not any(t.dtype == FP8 for shard in shards for t in shard.values()):
+        return None
+    out = []
+    for index, (path, shard) in enumerate(zip(paths, shards)):
+        scales_path = path.with_name(FP8_SCALES_FILE.format(index))
+        if not scales_path.is_file():
+            raise UserError(f"{scales_path}: missing; the FP8 weights of {path.name} are scaled by it (Meta's FP8 "
+                            "download has one fp8_scales_r.pt per shard): download it beside the shards")
+        try:
+            scales = torch.load(scales_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for truncated or foreign files
+            raise UserError(f"{scales_path}: not a readable PyTorch file ({type(e).__name__}); re-download it") from None
+        if not isinstance(scales, dict):
+            raise UserError(f"{scales_path}: holds a {type(scales).__name__}, not Meta's dict of row scales; "
+                            "re-download it")
+        found = {}
+        for name, weight in shard.items():
+            if weight.dtype != FP8:
+                continue
+            if not FP8_WEIGHT.fullmatch(name):
+                raise UserError(f"{path}: {name} is FP8, but Meta's FP8 checkpoints quantize only the layers' "
+                                "feed_forward.w1/w3/w2; is this file from Meta's download?")
+            key = fp8_scales_key(name, index)
+            rows = weight.shape[0]
+            if key not in scales:
+                raise UserError(f"{scales_path}: no scales \"{key}\" for the FP8 {name} of {path.name}; re-download it")
+            if not isinstance(scales[key], torch.Tensor) or tuple(scales[key].shape) != (rows,):
+                shape = list(scales[key].shape) if isinstance(scales[key], torch.Tensor) else type(scales[key]).__name__
+                raise UserError(f"{scales_path}: \"{key}\" has shape {shape}, but {name} in {path.name} has {rows} "
+                                f"rows (one scale each); are the scales from the same download as the shards?")
+            found[name] = scales[key].float()
+        out.append(found)
+    return out
+
+
+def kv_head_duplicates(args: ModelArgs, shards: list[dict[str, torch.Tensor]]) -> int:
+    """How many consecutive shards hold each KV head: 1, or more where Meta stored each of
+    the model's heads in several shards (405B MP16) and params.json counts the copies. Told by
+    the first layer's wk (distinct heads are never equal); every copy of every layer is
+    checked as it is read (MetaCheckpoint.slice)."""
+    count, key = len(shards), "layers.0.attention.wk.weight"
+    if count == 1 or args.n_kv_heads != count or key not in shards[0]:
+        return 1
+    for run in sorted((d for d in range(2, count + 1) if count % d == 0), reverse=True):
+        if all(torch.equal(shards[i][key], shards[i - i % run][key]) for i in range(count)):
+            return run
+    return 1
 
 
 def shard_dim(name: str, embedding_dim: int) -> int | None:

@@ -144,11 +144,11 @@ class KVHeadParallel(ParallelStyle):
 
 
 class QuantizedParallel(ParallelStyle):
-    """A linear layer with weight-only int8/int4 weights (llama.quantize), split like the
+    """A linear layer with int8/int4/fp8 weights (llama.quantize), split like the
     styles above: its stored tensors (values, scales, zeros) are DTensors, so DCP loads them
     at any degree, split along the output rows (column-parallel, and the replicated KV heads'
     2-D layout) or along the input (row-parallel, where an int8 per-row scale is replicated:
-    it covers the whole row). After quantize.pack_for_device the forward runs the quantized
+    it covers the whole row; so is fp8's). After quantize.pack_for_device the forward runs the quantized
     kernel on the local shards, then the row-parallel all-reduce or the logits' all-gather."""
 
     def __init__(self, scheme: quantize.Scheme, split_inputs: bool = False, gather_output: bool = False,
@@ -171,7 +171,7 @@ class QuantizedParallel(ParallelStyle):
             stored = torch.empty(shape, dtype=dtype or float_dtype, device=module.weight.device)
             setattr(module, name, nn.Parameter(distribute_tensor(stored, mesh, self._placements(shape)),
                                                requires_grad=False))
-        module.scheme, module.packed = self.scheme, False
+        module.scheme, module.packed, module.compute_dtype = self.scheme, False, float_dtype
         module.local_out_features = module.weight.to_local().shape[0]
         local_forward = functools.partial(quantize.local_linear, module)
         if self.gather_output and device_mesh.size() > 1:
@@ -214,18 +214,23 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
     check_tp_degree(model.args, tp)
     scheme = quantize.scheme_of(model.args)
     quantize.check_tp_degree(model.args, tp)
+    n_layers = model.args.n_layers
     parallelize_module(model, mesh, {
         "tok_embeddings": VocabParallelEmbedding(),
-        "output": QuantizedParallel(scheme, gather_output=True) if scheme else GatheredColwiseParallel(),
+        "output": (QuantizedParallel(scheme, gather_output=True) if quantize.quantizes(scheme, "output.weight", n_layers)
+                   else GatheredColwiseParallel()),
     })
-    plan = quantized_block_plan(scheme) if scheme else dict(BLOCK_PLAN)
+    plans = [dict(BLOCK_PLAN), quantized_block_plan(scheme) if scheme else {}]
     if tp > n_kv_heads:
         kv_mesh = DeviceMesh(mesh.device_type, mesh.mesh.view(n_kv_heads, tp // n_kv_heads),
                              mesh_dim_names=("kv_head", "replica"))
-        kv_style = QuantizedParallel(scheme, kv_mesh=kv_mesh) if scheme else KVHeadParallel(kv_mesh)
-        plan["attention.wk"] = plan["attention.wv"] = kv_style
-    for block in model.layers:
-        parallelize_module(block, mesh, plan)
+        plans[0]["attention.wk"] = plans[0]["attention.wv"] = KVHeadParallel(kv_mesh)
+        if scheme:
+            plans[1]["attention.wk"] = plans[1]["attention.wv"] = QuantizedParallel(scheme, kv_mesh=kv_mesh)
+    for i, block in enumerate(model.layers):
+        # Each linear quantized or not as the scheme says (fp8: only the inner layers' feed-forward).
+        parallelize_module(block, mesh, {name: plans[quantize.quantizes(scheme, f"layers.{i}.{name}.weight", n_layers)][name]
+                                         for name in BLOCK_PLAN})
         block.attention.n_heads //= tp
         block.attention.n_kv_heads = local_kv_heads(n_kv_heads, tp)
     return model

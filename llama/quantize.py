@@ -1,7 +1,10 @@
-"""Weight-only int8 and int4 quantization: the stored format, and the kernels that use it.
+"""Quantized linear weights: int8 and int4 (weight-only), and FP8 as Meta ships Llama 3.1 405B.
+The stored format, and the kernels that use it.
 
-Which weights: every linear layer of the blocks and the output projection. The embedding
-stays in the checkpoint's dtype (a step reads one row of it per token), and so do the norms.
+Which weights: int8 and int4, every linear layer of the blocks and the output projection;
+fp8, the feed-forward w1/w3/w2 of every layer but the first and the last (Meta's choice, kept
+as the download has it). The embedding stays in the checkpoint's dtype (a step reads one row
+of it per token), and so do the norms and every weight a scheme leaves out.
 
 Stored format (what convert_checkpoints.py writes into DCP, the same for every device and
 TP degree; each tensor a DTensor, so DCP reshards it like any other weight):
@@ -10,7 +13,11 @@ TP degree; each tensor a DTensor, so DCP reshards it like any other weight):
 - int4: `<layer>.weight` uint8 (out, in / 2), two values a byte (the even column in the high
   nibble), `<layer>.scales` and `<layer>.zeros` (out, in / group_size), asymmetric per group of
   `group_size` consecutive inputs: w = (q - 8) * scale + zero, q in [0, 15].
-Scales and zeros are stored in the checkpoint's dtype and quantization rounds to them. Each
+- fp8: `<layer>.weight` float8_e4m3fn (out, in) and `<layer>.scales` float32 (out,), per
+  output row: w = q * scale, scale = max |w| / 448 over the row (Meta's rule). Converted from
+  Meta's shards, w1/w3 rows keep the scales their shard gave them; w2 (whose shards scale parts
+  of a row differently) is dequantized and requantized per whole row.
+Scales and zeros of int8/int4 are stored in the checkpoint's dtype and quantization rounds to them. Each
 scale depends only on its own row (int8) or group (int4), never on how the weight is split,
 so every conversion world size writes the same bytes; a row-parallel rank reads only its
 part of the row, and an int4 group never straddles ranks (check_tp_degree).
@@ -21,13 +28,17 @@ llama.cpu_linear's kernels (cpu_linear.c), which take the stored values as they 
 compiler is found; else PyTorch's `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu` (its own packed layout). CUDA: `_weight_int4pack_mm` (another
 packed layout) for int4; int8 multiplies by the weight converted inside the step, which
-torch.compile fuses into the product (gpt-fast's approach).
+torch.compile fuses into the product (gpt-fast's approach). fp8: `torch._scaled_mm` on GPUs with
+FP8 matrix products (compute capability 8.9 and up: Hopper, Ada) in bfloat16, the activations
+quantized per token (row-wise absmax, bounded by 1200) as Meta's reference does; everywhere
+else the weights are dequantized once at load to the compute dtype.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +50,15 @@ from llama import cpu_linear
 from llama.args import ModelArgs
 from llama.errors import UserError
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "fp8")
+# What convert_checkpoints.py --quantize makes of any weights; fp8 comes only from Meta's FP8 files.
+QUANTIZE_CHOICES = ("int8", "int4")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# Meta's reference clamps each token's largest activation to this before scaling it to FP8
+# (llama-models' fp8_activation_scale_ub).
+FP8_ACTIVATION_BOUND = 1200.0
+FP8_LINEAR = re.compile(r"layers\.(\d+)\.feed_forward\.w[123]\.weight")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 DEFAULT_GROUP_SIZE = 128
 EMBEDDING = "tok_embeddings.weight"
@@ -56,11 +75,11 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 23
 class Scheme:
     """How a checkpoint's linear weights are quantized (None in ModelArgs: not at all)."""
 
-    name: str  # "int8" or "int4"
+    name: str  # one of SCHEMES
     group_size: int | None = None  # int4 only
 
     def describe(self) -> str:
-        return "int8" if self.name == "int8" else f"int4 (group size {self.group_size})"
+        return f"int4 (group size {self.group_size})" if self.name == "int4" else self.name
 
 
 def scheme_of(args: ModelArgs) -> Scheme | None:
@@ -69,23 +88,30 @@ def scheme_of(args: ModelArgs) -> Scheme | None:
 
 def check_args(args: ModelArgs, source: str) -> None:
     """Reject a model_args.json whose "quantize" and "group_size" name no scheme of ours."""
-    check_scheme(args.quantize, args.group_size, f'{source}: "quantize"', f'{source}: "group_size"')
+    check_scheme(args.quantize, args.group_size, f'{source}: "quantize"', f'{source}: "group_size"', SCHEMES)
 
 
 def check_scheme(quantize: str | None, group_size: int | None, scheme_label: str = "--quantize",
-                 group_label: str = "--group_size") -> None:
+                 group_label: str = "--group_size", choices: tuple[str, ...] = QUANTIZE_CHOICES) -> None:
     """Reject an unknown scheme or group size; the labels name the flags or fields given."""
-    if quantize is not None and quantize not in SCHEMES:
-        raise UserError(f"{scheme_label} {quantize}: unknown quantization; choose {' or '.join(SCHEMES)}")
+    if quantize is not None and quantize not in choices:
+        raise UserError(f"{scheme_label} {quantize}: unknown quantization; choose "
+                        f"{', '.join(choices[:-1])} or {choices[-1]}")
     if quantize != "int4" and group_size is not None:
         raise UserError(f"{group_label} {group_size}: a group size applies to int4 quantization only")
     if quantize == "int4" and group_size not in GROUP_SIZES:
         raise UserError(f"{group_label} {group_size}: int4 group sizes are {', '.join(map(str, GROUP_SIZES))}")
 
 
-def is_quantized(name: str, shape: tuple[int, ...]) -> bool:
-    """Every 2-D weight except the embedding: the block linears and the output projection."""
-    return len(shape) == 2 and name != EMBEDDING
+def quantizes(scheme: Scheme | None, name: str, n_layers: int) -> bool:
+    """Whether `scheme` stores the weight `name` (Meta's name) quantized: int8/int4 every linear
+    weight (not the embedding, not the norms), fp8 the feed-forward of the inner layers."""
+    if scheme is None or name == EMBEDDING or name.endswith("norm.weight"):
+        return False
+    if scheme.name != "fp8":
+        return True
+    match = FP8_LINEAR.fullmatch(name)
+    return bool(match) and 0 < int(match[1]) < n_layers - 1
 
 
 def input_widths(args: ModelArgs) -> dict[str, int]:
@@ -130,6 +156,8 @@ def layer_tensors(scheme: Scheme, rows: int, cols: int) -> dict[str, tuple[tuple
     (shape, dtype), where None stands for the floating-point dtype of the checkpoint."""
     if scheme.name == "int8":
         return {"weight": ((rows, cols), torch.int8), "scales": ((rows,), None)}
+    if scheme.name == "fp8":
+        return {"weight": ((rows, cols), FP8), "scales": ((rows,), torch.float32)}
     groups = (rows, cols // scheme.group_size)
     return {"weight": ((rows, cols // 2), torch.uint8), "scales": (groups, None), "zeros": (groups, None)}
 
@@ -145,7 +173,7 @@ def stored_tensors(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], torch.dt
     scheme = scheme_of(args)
     out: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
     for name, shape in args.weight_shapes().items():
-        if scheme is None or not is_quantized(name, shape):
+        if not quantizes(scheme, name, args.n_layers):
             out[name] = (shape, None)
         else:
             prefix = name.removesuffix("weight")
@@ -167,6 +195,9 @@ def quantize(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> 
 
 
 def _quantize_rows(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if scheme.name == "fp8":  # float32 scales whatever the checkpoint's dtype, as Meta's
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        return {"weight": (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), "scales": scales}
     if scheme.name == "int8":
         amax = w.abs().amax(dim=1)
         scales = torch.where(amax > 0, amax / 127, 1.0).to(scale_dtype)
@@ -211,7 +242,12 @@ def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, 
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's stored shards (plain tensors on the target device) -> (weight, scales) in
     the layout of the device's kernel: llama.cpu_linear's where it builds (the stored values and
-    scales as they are), else torch's (scales in the compute dtype)."""
+    scales as they are), else torch's (scales in the compute dtype). fp8: the stored tensors
+    where `torch._scaled_mm` runs them, else the weight dequantized to `dtype` (scales None)."""
+    if scheme.name == "fp8":
+        if fp8_products(weight.device, dtype):
+            return weight.contiguous(), scales.float().contiguous()
+        return (weight.float() * scales.float()[:, None]).to(dtype), None
     if _uses_cpu_linear(weight):  # scales as stored (bf16 or float32: what the kernel reads)
         scale_dtype = scales.dtype if scales.dtype in (torch.bfloat16, torch.float32) else torch.float32
         if scheme.name == "int8":
@@ -234,6 +270,24 @@ def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, 
     return packed, scales_and_zeros.transpose(0, 1).contiguous()  # (groups, rows, 2)
 
 
+def fp8_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FP8 weights run as FP8 matrix products here: a CUDA GPU of compute capability 8.9
+    or more, and bfloat16 activations (what _scaled_mm's row-wise scaling outputs)."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (weight * scales).T for an FP8 weight (out, in) and float32 row scales (out,), with
+    x quantized to FP8 per token as Meta's reference does: each row scaled so that its largest
+    magnitude (at most FP8_ACTIVATION_BOUND) becomes 448."""
+    rows = x.reshape(-1, x.shape[-1])
+    amax = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12, max=FP8_ACTIVATION_BOUND)
+    x_scales = amax / FP8_MAX
+    xq = (rows.float() / x_scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scales, scale_b=scales[None, :], out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def _uses_cpu_linear(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and cpu_linear.has_quantized_kernels()
 
@@ -246,6 +300,10 @@ def _inner_k_tiles(cols: int) -> int:
 def linear(x: torch.Tensor, scheme: Scheme, out_features: int, weight: torch.Tensor,
            scales: torch.Tensor) -> torch.Tensor:
     """x @ dequantized(weight).T from kernel operands (kernel_operands' layout)."""
+    if scheme.name == "fp8":
+        if scales is not None:
+            return fp8_linear(x, weight, scales)
+        return cpu_linear.linear(x, weight) if x.device.type == "cpu" else F.linear(x, weight)
     if _uses_cpu_linear(weight):
         return cpu_linear.quantized_linear(x, weight, scales, scheme.group_size or 0)
     rows = x.reshape(-1, x.shape[-1])
@@ -294,8 +352,9 @@ def _packed(scheme: Scheme, parts: list[nn.Module]) -> tuple[nn.Parameter, nn.Pa
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
     zeros = joined("zeros") if scheme.name == "int4" else None
-    weight, scales = kernel_operands(scheme, joined("weight"), joined("scales"), zeros, parts[0].scales.dtype)
-    return nn.Parameter(weight, requires_grad=False), nn.Parameter(scales, requires_grad=False)
+    weight, scales = kernel_operands(scheme, joined("weight"), joined("scales"), zeros, parts[0].compute_dtype)
+    # fp8 dequantized at load has no scales left.
+    return nn.Parameter(weight, requires_grad=False), scales if scales is None else nn.Parameter(scales, requires_grad=False)
 
 
 class FusedLinear(nn.Module):

@@ -1,9 +1,9 @@
 """Run under torchrun: load each converted checkpoint given at TP = world size and save, from
 rank 0, what tests/test_quantize.py compares: the dequantized weights as DCP resharded them
 (before packing for the kernels), the greedy tokens of a few prompts and their log-probabilities, and optionally the
-perplexity of the demo text.
+perplexity of the demo text, or the float32 logits of a fixed prompt's every position.
 
-    quant_probe.py OUT.pt DTYPE [--weights] [--perplexity] CKPT...
+    quant_probe.py OUT.pt DTYPE [--weights] [--perplexity] [--logits] CKPT...
 """
 
 import argparse
@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("dtype", choices=DTYPES)
     p.add_argument("--weights", action="store_true")
     p.add_argument("--perplexity", action="store_true")
+    p.add_argument("--logits", action="store_true")
     p.add_argument("ckpts", type=Path, nargs="+")
     opts = p.parse_args()
     runtime = init_runtime()
@@ -65,6 +66,9 @@ def main() -> None:
         if opts.perplexity:
             result["perplexity"] = perplexity(model, tokenizer)
         prompts = [tokenizer.encode(p, bos=True, eos=False) for p in DEMO_PROMPTS]
+        if opts.logits:
+            with torch.inference_mode():
+                result["logits"] = model(torch.tensor([prompts[0]]), all_logits=True)[0]
         completions = generate(Engine(model), prompts, 12, frozenset(), temperature=0.0)
         result["tokens"], result["logprobs"] = [c.tokens for c in completions], [c.logprobs for c in completions]
         results[str(ckpt)] = result
