@@ -12,7 +12,7 @@ from llama.errors import UserError
 # Fields every Meta params.json has; the rest have defaults shared by all Llama releases.
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
 # model_args.json fields added after the format was first written: absent means the default.
-LATER_FIELDS = ("quantize", "group_size")
+LATER_FIELDS = ("quantize", "group_size", "lora_rank", "spinquant")
 
 
 @dataclass
@@ -37,6 +37,10 @@ class ModelArgs:
     # all); that module reads and checks these two fields.
     quantize: str | None = None
     group_size: int | None = None
+    # Rank of the LoRA adaptors on the quantized linears (Meta's QLoRA checkpoints), or None.
+    lora_rank: int | None = None
+    # SpinQuant checkpoints: w2's input is rotated at run time (llama.quantize.hadamard).
+    spinquant: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -7,6 +7,7 @@ chunks with their global offsets, so the result loads at any tensor-parallel deg
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -83,7 +84,13 @@ class MetaCheckpoint:
             raise UserError(f"--tokenizer_path {tokenizer.path}: {tokenizer.n_words} tokens, but params.json says "
                             f"vocab_size {args.vocab_size}; pass the tokenizer that came with this checkpoint")
         args.check(str(self.dir / "params.json"))
+        self.int4_eo8 = meta_format.read_int4_eo8(self.dir / "params.json")
+        if self.int4_eo8 and len(self.paths) != 1:
+            raise UserError(f"{self.dir}: {len(self.paths)} shards with quantization_args; Meta's INT4_EO8 "
+                            "checkpoints are one consolidated.00.pth: re-download it")
         self.shards = [self._open(p) for p in self.paths]
+        if self.int4_eo8:
+            meta_format.check_int4_eo8(self.paths[0], self.shards[0], args, self.int4_eo8)
         self.fp8_scales = meta_format.read_fp8_scales(self.paths, self.shards)
         self.kv_duplicates = meta_format.kv_head_duplicates(args, self.shards)
         args.n_kv_heads //= self.kv_duplicates
@@ -94,6 +101,8 @@ class MetaCheckpoint:
     def format(self) -> str:
         """What the files are, in a few words (the conversion's log line)."""
         kinds = ["FP8 feed-forward weights with row-wise scales"] if self.fp8_scales else []
+        if self.int4_eo8:
+            kinds.append(self.int4_eo8.scheme.describe())
         if self.kv_duplicates > 1:
             kinds.append(f"each KV head duplicated {self.kv_duplicates}x (read once)")
         return "; ".join(kinds) or "bf16"
@@ -107,8 +116,10 @@ class MetaCheckpoint:
     def _plan(self) -> dict[str, MergePlan]:
         expected = self.args.weight_shapes()
         keys = set(self.shards[0]) - IGNORED_KEYS
+        if self.int4_eo8:  # each weight's scales, zeros and adaptors: checked with it (check_int4_eo8)
+            keys = {k for k in keys if not k.endswith(meta_format.INT4_EO8_PARTS)}
         for path, shard in zip(self.paths, self.shards):
-            if set(shard) - IGNORED_KEYS != keys:
+            if set(shard) - IGNORED_KEYS != set(self.shards[0]) - IGNORED_KEYS:
                 raise UserError(f"{path}: holds different weights than {self.paths[0].name}; re-download it")
         if "output.weight" not in keys:  # tied output (Llama 3.2 1B/3B)
             keys.add("output.weight")
@@ -185,11 +196,30 @@ class MetaCheckpoint:
         scales = [self.fp8_scales[i][name].narrow(0, row, piece.shape[0]) for i, piece, row in pieces]
         return {"weight": torch.cat([piece for _, piece, _ in pieces]), "scales": torch.cat(scales)}
 
+    def int4_eo8_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Rows [start, stop) of an INT4_EO8 linear in llama.quantize's int4 layout: the same
+        values (q + 8, two a byte), Meta's float32 scales, zero = -(Meta's zero) x scale, and
+        the LoRA adaptors (A whole, B's rows times the LoRA scale)."""
+        shard, prefix = self.shards[0], name.removesuffix("weight")
+        q = shard[name][start:stop]
+        scales = shard[prefix + "scales"][start:stop].float()
+        zeros = shard.get(prefix + "zeros")
+        out = {"weight": quantize.pack_int4((q + 8).to(torch.uint8)), "scales": scales,
+               "zeros": torch.zeros_like(scales) if zeros is None else -zeros[start:stop].float() * scales}
+        if self.int4_eo8.lora_rank:
+            b = shard[prefix + "adaptor.B.weight"][start:stop].float() * self.int4_eo8.lora_scale
+            out |= {"adaptor_a": shard[prefix + "adaptor.A.weight"].to(dtype), "adaptor_b": b.to(dtype)}
+        return out
+
     def _dequantized(self, name: str, shard: int, piece: torch.Tensor, row: int) -> torch.Tensor:
-        if piece.dtype != torch.float8_e4m3fn:
+        """FP8 (405B) and int8 (INT4_EO8's embedding and output) parts times their rows' scales, in float32."""
+        if piece.dtype == torch.float8_e4m3fn:
+            scales = self.fp8_scales[shard][name]
+        elif piece.dtype == torch.int8:
+            scales = self.shards[shard][self.plans[name].source.removesuffix("weight") + "scales"].reshape(-1)
+        else:
             return piece
-        scales = self.fp8_scales[shard][name].narrow(0, row, piece.shape[0])
-        return piece.float() * scales[:, None]
+        return piece.float() * scales.narrow(0, row, piece.shape[0])[:, None]
 
 
 def _shard_paths(ckpt_dir: Path) -> list[Path]:
@@ -218,6 +248,11 @@ def convert(ckpt: MetaCheckpoint, out_dir: Path, runtime: Runtime, dtype: str, o
     at the end (see _replace), so `out_dir` is either the whole checkpoint or untouched."""
     out_dir = Path(out_dir)
     _check_output(out_dir, [ckpt.dir, ckpt.tokenizer.path], overwrite)
+    if ckpt.int4_eo8:
+        if scheme:
+            raise UserError(f"--{'keep_fp8' if scheme.name == 'fp8' else 'quantize'}: {ckpt.dir} is already quantized "
+                            "(Meta's INT4_EO8, which is kept as it is); leave the flag out")
+        scheme = ckpt.int4_eo8.scheme
     if scheme and scheme.name == "int4":
         quantize.check_group_size(ckpt.args, scheme.group_size, "--group_size")
     if scheme and scheme.name == "fp8":
@@ -258,7 +293,8 @@ def _write(ckpt: MetaCheckpoint, state: dict[str, torch.Tensor], staging: Path, 
 
     if runtime.is_main:
         ckpt.args.dtype = dtype
-        ckpt.args.quantize, ckpt.args.group_size = (scheme.name, scheme.group_size) if scheme else (None, None)
+        if scheme:
+            scheme.record(ckpt.args)
         ckpt.args.save(staging / ARGS_FILE)
         shutil.copyfile(ckpt.tokenizer.path, staging / TOKENIZER_FILE)
         _replace(out_dir, staging)
@@ -319,9 +355,13 @@ def _local_state(ckpt: MetaCheckpoint, runtime: Runtime, torch_dtype: torch.dtyp
             # Whole rows on each rank, so that every scale sees its whole row or group.
             lo, hi = _local_range(plan.shape[0], runtime.rank, runtime.world_size)
             prefix = name.removesuffix("weight")
-            stored = scheme.name == "fp8" and ckpt.fp8_rows(name, lo, hi)
+            if scheme.meta_eo8:
+                stored = ckpt.int4_eo8_rows(name, lo, hi, torch_dtype)
+            else:
+                stored = scheme.name == "fp8" and ckpt.fp8_rows(name, lo, hi)
             for key, local in (stored or quantize.quantize(ckpt.slice(name, 0, lo, hi), scheme, torch_dtype)).items():
-                state[prefix + key] = _row_sharded(local, plan.shape[0], runtime)
+                # A LoRA adaptor's A is small and whole on every rank (DCP writes one copy).
+                state[prefix + key] = local if key == "adaptor_a" else _row_sharded(local, plan.shape[0], runtime)
             continue
         # Split the way Meta did, so that converting on as many ranks as there are shards
         # hands each shard's memory-mapped tensor to DCP as it is, without a copy.
@@ -424,6 +464,8 @@ def check_dcp_matches(ckpt_dir: Path, args: ModelArgs, args_path: Path) -> None:
                         "create it with convert_checkpoints.py")
     stored = read_metadata(ckpt_dir).state_dict_metadata
     found, expected = _stored_scheme(stored, args), quantize.scheme_of(args)
+    if found and expected and found.meta_eo8:  # SpinQuant leaves no trace in the tensors
+        found = dataclasses.replace(found, spinquant=expected.spinquant)
     if found != expected:
         def describe(scheme: quantize.Scheme | None) -> str:
             return f"{scheme.describe()}-quantized" if scheme else "unquantized"
@@ -448,6 +490,10 @@ def _stored_scheme(stored: dict[str, object], args: ModelArgs) -> quantize.Schem
         return quantize.Scheme("int8")
     if dtype == torch.uint8 and "output.zeros" in stored:
         return quantize.Scheme("int4", args.dim // stored["output.zeros"].size[1])
+    if "layers.0.attention.wq.zeros" in stored:  # int4 with the output left as it was: INT4_EO8
+        adaptor = stored.get("layers.0.attention.wq.adaptor_a")
+        return quantize.Scheme("int4", args.dim // stored["layers.0.attention.wq.zeros"].size[1], meta_eo8=True,
+                               lora_rank=adaptor.size[0] if adaptor else None)
     return None
 
 

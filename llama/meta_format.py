@@ -14,16 +14,26 @@ Variants (layouts as Meta's llama-models writes and reads them):
   columns, so its shards scale the same row differently.
 - Llama 3.1 405B bf16 MP16: 16 shards, params.json says n_kv_heads 16, but the model has 8:
   each KV head is stored in 2 consecutive shards, one per fairscale rank that needed it.
+- Llama 3.2 1B/3B SpinQuant and QLoRA (INT4_EO8): one shard; params.json has
+  "quantization_args" {"scheme": "int4_weight_int8_dynamic_activation", "group_size", "spinquant"}
+  and, for QLoRA, "lora_args" {"rank", "scale"}. Every block linear is torchao's
+  Int8DynActInt4WeightLinear: `weight` int8 (out, in) holding int4 values in [-8, 7], `scales`
+  float32 (out, in / group_size), `zeros` (same; absent means 0): w = (q - zero) x scale; QLoRA
+  adds `adaptor.A.weight` (rank, in) and `adaptor.B.weight` (out, rank), added as
+  scale x B (A x). The embedding and the output are int8 with one float scale a row
+  (`scales` (rows, 1)), which Meta's loader multiplies out at load.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llama import quantize
 from llama.args import ModelArgs
 from llama.errors import UserError
 
@@ -32,6 +42,79 @@ FP8 = torch.float8_e4m3fn
 FP8_SCALES_FILE = "fp8_scales_{}.pt"
 FP8_WEIGHT = re.compile(r"layers\.(\d+)\.feed_forward\.(w[123])\.weight")
 KV_PROJECTIONS = ("attention.wk.weight", "attention.wv.weight")
+INT4_EO8_SCHEME = "int4_weight_int8_dynamic_activation"
+# The tensors an INT4_EO8 weight `<layer>.weight` has beside it.
+INT4_EO8_PARTS = ("scales", "zeros", "adaptor.A.weight", "adaptor.B.weight")
+
+
+@dataclass(frozen=True)
+class Int4EO8:
+    """params.json's quantization_args and lora_args of a Llama 3.2 quantized checkpoint."""
+
+    group_size: int
+    lora_rank: int | None
+    lora_scale: float
+    spinquant: bool
+
+    @property
+    def scheme(self) -> quantize.Scheme:
+        return quantize.Scheme("int4", self.group_size, meta_eo8=True, lora_rank=self.lora_rank,
+                               spinquant=self.spinquant)
+
+
+def read_int4_eo8(params_path: Path) -> Int4EO8 | None:
+    """The INT4_EO8 arguments of params.json, None when it has no quantization_args."""
+    params = json.loads(params_path.read_text())
+    args = params.get("quantization_args")
+    if args is None:
+        return None
+    # llama-models names one scheme; a file that leaves it out can mean no other.
+    scheme = args.get("scheme", INT4_EO8_SCHEME) if isinstance(args, dict) else args
+    if scheme != INT4_EO8_SCHEME:
+        raise UserError(f'{params_path}: quantization_args scheme "{scheme}" is unknown; this converter reads '
+                        f'Meta\'s Llama 3.2 quantized checkpoints ("{INT4_EO8_SCHEME}")')
+    group_size = args.get("group_size")
+    if group_size not in quantize.GROUP_SIZES:
+        raise UserError(f"{params_path}: quantization_args group_size {group_size}: the int4 kernels take "
+                        f"{', '.join(map(str, quantize.GROUP_SIZES))}")
+    lora = params.get("lora_args")
+    if lora is not None and not (isinstance(lora, dict) and isinstance(lora.get("rank"), int)
+                                 and isinstance(lora.get("scale"), (int, float))):
+        raise UserError(f'{params_path}: lora_args {lora}: expected {{"rank": <int>, "scale": <number>}}')
+    return Int4EO8(group_size, lora["rank"] if lora else None, float(lora["scale"]) if lora else 1.0,
+                   bool(args.get("spinquant", False)))
+
+
+def check_int4_eo8(path: Path, shard: dict[str, torch.Tensor], args: ModelArgs, eo8: Int4EO8) -> None:
+    """Every INT4_EO8 tensor of the shard has the dtype and shape Meta's loader expects."""
+    scheme = eo8.scheme
+    for name, (rows, cols) in ((n, s) for n, s in args.weight_shapes().items() if len(s) == 2):
+        if name not in shard and name == "output.weight":
+            continue  # tied: the embedding's
+        prefix = name.removesuffix("weight")
+        if not quantize.quantizes(scheme, name, args.n_layers):  # the embedding, the output
+            expected = {name: ((rows, cols), (torch.int8,)), prefix + "scales": ((rows, 1), None)}
+        else:
+            groups = (rows, cols // eo8.group_size)
+            expected = {name: ((rows, cols), (torch.int8,)), prefix + "scales": (groups, None),
+                        prefix + "zeros": (groups, None)}
+            if eo8.lora_rank:
+                expected |= {prefix + "adaptor.A.weight": ((eo8.lora_rank, cols), None),
+                             prefix + "adaptor.B.weight": ((rows, eo8.lora_rank), None)}
+        for key, (shape, dtypes) in expected.items():
+            if key not in shard:
+                if key.endswith("zeros"):
+                    continue  # left out: 0
+                raise UserError(f"{path}: no {key}, which Meta's INT4_EO8 layout has; is params.json's "
+                                "quantization_args from this checkpoint?")
+            t = shard[key]
+            found = tuple(t.shape)
+            if found != shape and not (key.endswith("scales") and shape[1] == 1 and found == shape[:1]):
+                raise UserError(f"{path}: {key} has shape {list(found)}, expected {list(shape)} for group size "
+                                f"{eo8.group_size}; is params.json's quantization_args from this checkpoint?")
+            if dtypes and t.dtype not in dtypes or not dtypes and not t.is_floating_point():
+                raise UserError(f"{path}: {key} is {str(t.dtype).removeprefix('torch.')}, not what Meta's INT4_EO8 "
+                                "layout holds there; re-download it")
 
 
 def is_kv_projection(name: str) -> bool:

@@ -152,16 +152,19 @@ class QuantizedParallel(ParallelStyle):
     kernel on the local shards, then the row-parallel all-reduce or the logits' all-gather."""
 
     def __init__(self, scheme: quantize.Scheme, split_inputs: bool = False, gather_output: bool = False,
-                 kv_mesh: DeviceMesh | None = None) -> None:
+                 kv_mesh: DeviceMesh | None = None, rotate_input: bool = False) -> None:
         super().__init__()
         self.scheme, self.split_inputs, self.gather_output, self.kv_mesh = scheme, split_inputs, gather_output, kv_mesh
+        self.rotate_input = rotate_input
 
-    def _placements(self, shape: tuple[int, ...]) -> list[Shard | Replicate]:
+    def _placements(self, name: str, shape: tuple[int, ...]) -> list[Shard | Replicate]:
+        # A LoRA adaptor's A (rank, in) follows the input and B (out, rank) the output: so a
+        # row-parallel rank adds B (A_r x_r), which the all-reduce sums to B (A x).
         if self.kv_mesh is not None:
-            return [Shard(0), Replicate()]
+            return [Replicate(), Replicate()] if name == "adaptor_a" else [Shard(0), Replicate()]
         if not self.split_inputs:
-            return [Shard(0)]
-        return [Replicate()] if len(shape) == 1 else [Shard(1)]
+            return [Replicate()] if name == "adaptor_a" else [Shard(0)]
+        return [Replicate()] if len(shape) == 1 or name == "adaptor_b" else [Shard(1)]
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         rows, cols = module.weight.shape
@@ -169,11 +172,14 @@ class QuantizedParallel(ParallelStyle):
         mesh = self.kv_mesh or device_mesh
         for name, (shape, dtype) in quantize.layer_tensors(self.scheme, rows, cols).items():
             stored = torch.empty(shape, dtype=dtype or float_dtype, device=module.weight.device)
-            setattr(module, name, nn.Parameter(distribute_tensor(stored, mesh, self._placements(shape)),
+            setattr(module, name, nn.Parameter(distribute_tensor(stored, mesh, self._placements(name, shape)),
                                                requires_grad=False))
         module.scheme, module.packed, module.compute_dtype = self.scheme, False, float_dtype
         module.local_out_features = module.weight.to_local().shape[0]
         local_forward = functools.partial(quantize.local_linear, module)
+        if self.rotate_input:
+            local_forward = functools.partial(_rotated_input, local_forward,
+                                              for_mesh(device_mesh) if device_mesh.size() > 1 else None)
         if self.gather_output and device_mesh.size() > 1:
             module.forward = functools.partial(_all_gathered, local_forward, for_mesh(device_mesh), rows)
         elif self.split_inputs and device_mesh.size() > 1:
@@ -183,9 +189,22 @@ class QuantizedParallel(ParallelStyle):
         return module
 
 
+def _rotated_input(local_forward: Callable[[torch.Tensor], torch.Tensor], collectives: Collectives | None,
+                   x: torch.Tensor) -> torch.Tensor:
+    """SpinQuant's w2: the product of this rank's columns with its part of hadamard(whole input).
+    The rotation mixes every input, so the ranks' parts are gathered first (a hidden-size row
+    a token, small beside the all-reduce of the output that follows)."""
+    if collectives is None:
+        return local_forward(quantize.hadamard(x))
+    width = x.shape[-1]
+    whole = quantize.hadamard(collectives.all_gather(x))
+    return local_forward(whole[..., collectives.rank * width:(collectives.rank + 1) * width])
+
+
 def quantized_block_plan(scheme: quantize.Scheme) -> dict[str, ParallelStyle]:
     """BLOCK_PLAN with every linear layer quantized, split the same way."""
-    return {name: QuantizedParallel(scheme, split_inputs=isinstance(style, LocalRowwiseParallel))
+    return {name: QuantizedParallel(scheme, split_inputs=isinstance(style, LocalRowwiseParallel),
+                                    rotate_input=scheme.spinquant and name == "feed_forward.w2")
             for name, style in BLOCK_PLAN.items()}
 
 

@@ -50,8 +50,9 @@ from llama import cpu_linear
 from llama.args import ModelArgs
 from llama.errors import UserError
 
-SCHEMES = ("int8", "int4", "fp8")
-# What convert_checkpoints.py --quantize makes of any weights; fp8 comes only from Meta's FP8 files.
+SCHEMES = ("int8", "int4", "fp8", "int4_eo8")
+# What convert_checkpoints.py --quantize makes of any weights; fp8 and int4_eo8 come only from
+# Meta's files (Llama 3.1 405B FP8, Llama 3.2 SpinQuant/QLoRA INT4_EO8).
 QUANTIZE_CHOICES = ("int8", "int4")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -75,14 +76,33 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 23
 class Scheme:
     """How a checkpoint's linear weights are quantized (None in ModelArgs: not at all)."""
 
-    name: str  # one of SCHEMES
+    name: str  # "int8", "int4" or "fp8"
     group_size: int | None = None  # int4 only
+    # Meta's Llama 3.2 INT4_EO8 weights (model_args.json's "int4_eo8"): int4 block linears with
+    # Meta's float32 scales and zeros, the output projection left in the checkpoint's dtype,
+    # and, for QLoRA, LoRA adaptors of this rank on every quantized linear.
+    meta_eo8: bool = False
+    lora_rank: int | None = None
+    # SpinQuant: w2's input is rotated by a normalized Hadamard matrix at run time (R4; the
+    # stored w2 has the rotation folded in), as ExecuTorch runs these checkpoints.
+    spinquant: bool = False
 
     def describe(self) -> str:
-        return f"int4 (group size {self.group_size})" if self.name == "int4" else self.name
+        if self.name != "int4":
+            return self.name
+        extra = f" with LoRA rank {self.lora_rank}" if self.lora_rank else " with SpinQuant" if self.spinquant else ""
+        meta = f", Meta's INT4_EO8{extra}" if self.meta_eo8 else ""
+        return f"int4 (group size {self.group_size}{meta})"
+
+    def record(self, args: ModelArgs) -> None:
+        """Write this scheme into `args` (model_args.json's fields)."""
+        args.quantize = "int4_eo8" if self.meta_eo8 else self.name
+        args.group_size, args.lora_rank, args.spinquant = self.group_size, self.lora_rank, self.spinquant
 
 
 def scheme_of(args: ModelArgs) -> Scheme | None:
+    if args.quantize == "int4_eo8":
+        return Scheme("int4", args.group_size, meta_eo8=True, lora_rank=args.lora_rank, spinquant=args.spinquant)
     return Scheme(args.quantize, args.group_size) if args.quantize else None
 
 
@@ -97,9 +117,10 @@ def check_scheme(quantize: str | None, group_size: int | None, scheme_label: str
     if quantize is not None and quantize not in choices:
         raise UserError(f"{scheme_label} {quantize}: unknown quantization; choose "
                         f"{', '.join(choices[:-1])} or {choices[-1]}")
-    if quantize != "int4" and group_size is not None:
+    int4 = quantize in ("int4", "int4_eo8")
+    if not int4 and group_size is not None:
         raise UserError(f"{group_label} {group_size}: a group size applies to int4 quantization only")
-    if quantize == "int4" and group_size not in GROUP_SIZES:
+    if int4 and group_size not in GROUP_SIZES:
         raise UserError(f"{group_label} {group_size}: int4 group sizes are {', '.join(map(str, GROUP_SIZES))}")
 
 
@@ -109,7 +130,7 @@ def quantizes(scheme: Scheme | None, name: str, n_layers: int) -> bool:
     if scheme is None or name == EMBEDDING or name.endswith("norm.weight"):
         return False
     if scheme.name != "fp8":
-        return True
+        return not (scheme.meta_eo8 and name == "output.weight")
     match = FP8_LINEAR.fullmatch(name)
     return bool(match) and 0 < int(match[1]) < n_layers - 1
 
@@ -138,7 +159,8 @@ def check_group_size(args: ModelArgs, group_size: int, flag: str) -> None:
 def check_tp_degree(args: ModelArgs, tp: int) -> None:
     """Loading int4 at TP degree `tp`: the row-parallel layers (wo, w2) hold 1/tp of each row,
     which must be whole groups."""
-    if args.quantize != "int4":
+    scheme = scheme_of(args)
+    if not scheme or scheme.name != "int4":
         return
     local = {"attention.wo": args.n_heads * args.head_dim // tp, "feed_forward.w2": args.ffn_hidden_dim // tp}
     bad = {name: w for name, w in local.items() if w % args.group_size}
@@ -159,7 +181,11 @@ def layer_tensors(scheme: Scheme, rows: int, cols: int) -> dict[str, tuple[tuple
     if scheme.name == "fp8":
         return {"weight": ((rows, cols), FP8), "scales": ((rows,), torch.float32)}
     groups = (rows, cols // scheme.group_size)
-    return {"weight": ((rows, cols // 2), torch.uint8), "scales": (groups, None), "zeros": (groups, None)}
+    scale_dtype = torch.float32 if scheme.meta_eo8 else None
+    tensors = {"weight": ((rows, cols // 2), torch.uint8), "scales": (groups, scale_dtype), "zeros": (groups, scale_dtype)}
+    if scheme.lora_rank:  # x -> B (A x), the LoRA scale folded into B
+        tensors |= {"adaptor_a": ((scheme.lora_rank, cols), None), "adaptor_b": ((rows, scheme.lora_rank), None)}
+    return tensors
 
 
 def stored_bytes(scheme: Scheme, rows: int, cols: int, element_size: int) -> int:
@@ -270,6 +296,20 @@ def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, 
     return packed, scales_and_zeros.transpose(0, 1).contiguous()  # (groups, rows, 2)
 
 
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x times the normalized n x n Hadamard matrix (Sylvester's order, n a power of two) over
+    its last dimension, in float32: SpinQuant's online rotation of w2's input, as a fast
+    Walsh-Hadamard transform (n log n additions instead of an n x n product)."""
+    n = x.shape[-1]
+    y = x.float().reshape(-1, n)
+    half = 1
+    while half < n:
+        pairs = y.view(y.shape[0], n // (2 * half), 2, half)
+        y = torch.cat((pairs[:, :, :1] + pairs[:, :, 1:], pairs[:, :, :1] - pairs[:, :, 1:]), dim=2)
+        half *= 2
+    return (y.view(x.shape) / math.sqrt(n)).to(x.dtype)
+
+
 def fp8_products(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether FP8 weights run as FP8 matrix products here: a CUDA GPU of compute capability 8.9
     or more, and bfloat16 activations (what _scaled_mm's row-wise scaling outputs)."""
@@ -334,7 +374,10 @@ def local_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a quantized linear module: this rank's shard times x, as plain tensors."""
     if not module.packed:
         raise RuntimeError("quantized weights used before quantize.pack_for_device(model)")
-    return linear(x, module.scheme, module.local_out_features, module.weight, module.scales)
+    y = linear(x, module.scheme, module.local_out_features, module.weight, module.scales)
+    if getattr(module, "adaptor_a", None) is not None:  # LoRA, in the activations' dtype
+        y = y + F.linear(F.linear(x, module.adaptor_a), module.adaptor_b)
+    return y
 
 
 # Column-parallel projections that read the same input, fused at load into one product (name:
@@ -378,7 +421,7 @@ def pack_for_device(model: nn.Module) -> None:
     for module in list(model.modules()):
         for fused, names in FUSED.items():
             parts = [getattr(module, name, None) for name in names]
-            if all(getattr(part, "scheme", None) and not part.packed for part in parts):
+            if all(getattr(part, "scheme", None) and not part.packed and not part.scheme.lora_rank for part in parts):
                 setattr(module, fused, FusedLinear(parts[0].scheme, parts))
                 for name, part in zip(names, parts):
                     delattr(module, name)
@@ -392,6 +435,9 @@ def pack_for_device(model: nn.Module) -> None:
         module.weight, module.scales = _packed(module.scheme, [module])
         if module.scheme.name == "int4":
             del module.zeros
+        if module.scheme.lora_rank:
+            module.adaptor_a, module.adaptor_b = (nn.Parameter(_local(t), requires_grad=False)
+                                                  for t in (module.adaptor_a, module.adaptor_b))
         module.packed = True
 
 

@@ -19,7 +19,9 @@ import torch
 
 from llama.args import ModelArgs
 from llama.benchmarking import SHAPES
-from llama.meta_format import FP8, FP8_SCALES_FILE, FP8_WEIGHT, fp8_scales_key, save_meta_checkpoint, shard_dim
+from llama.meta_format import (FP8, FP8_SCALES_FILE, FP8_WEIGHT, INT4_EO8_SCHEME, fp8_scales_key, save_meta_checkpoint,
+                               shard_dim)
+from llama.quantize import hadamard
 
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -76,6 +78,60 @@ def kv_heads_duplicated(state: dict[str, torch.Tensor], args: ModelArgs, copies:
     out = {name: repeated(t) if name.endswith(("attention.wk.weight", "attention.wv.weight")) else t
            for name, t in state.items()}
     return out, ModelArgs(**{**vars(args), "n_kv_heads": args.n_kv_heads * copies})
+
+
+def symmetric_groups(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's symmetric group rule (get_group_qparams_symmetric, as in the 8da4w quantizer
+    Meta used): scale = max |w| of the group / ((2^bits - 1) / 2), q = round(w / scale) in
+    [-2^(bits-1), 2^(bits-1) - 1], int8 values and float32 scales (rows, groups)."""
+    rows, cols = weight.shape
+    groups = weight.float().view(rows, cols // group_size, group_size)
+    scales = (groups.abs().amax(-1) / ((2 ** bits - 1) / 2)).clamp(min=torch.finfo(torch.float32).eps)
+    q = torch.round(groups / scales[..., None]).clamp(-2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return q.to(torch.int8).view(rows, cols), scales
+
+
+def write_int4_eo8(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: Path, group_size: int,
+                   lora: tuple[int, float] | None = None, spinquant: bool = False) -> dict[str, torch.Tensor]:
+    """A Llama 3.2 INT4_EO8 checkpoint (QLoRA with `lora` = (rank, scale), or SpinQuant) of the
+    model `state`, in Meta's layout: every block linear int4 in int8 storage with float32 group
+    scales and zeros (and bf16 LoRA adaptors), the embedding and output int8 with a float32 scale
+    a row, (rows, 1). SpinQuant's w2 holds the rotation its input gets at run time (w2 x H / sqrt(n)).
+    Returns the float32 model it stands for, by the same rules, for reference."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1)
+    shard, reference = {}, {}
+    for name, weight in state.items():
+        prefix = name.removesuffix("weight")
+        if weight.dim() == 1:
+            shard[name] = reference[name] = weight.float()
+            continue
+        if name in ("tok_embeddings.weight", "output.weight"):
+            q, scales = symmetric_groups(weight, 8, weight.shape[1])
+            shard |= {name: q, prefix + "scales": scales}
+            reference[name] = q.float() * scales
+            continue
+        rotated = spinquant and name.endswith("feed_forward.w2.weight")
+        q, scales = symmetric_groups(hadamard(weight) if rotated else weight, 4, group_size)
+        shard |= {name: q, prefix + "scales": scales, prefix + "zeros": torch.zeros_like(scales)}
+        dequantized = (q.float().view(*scales.shape, group_size) * scales[..., None]).view(weight.shape)
+        if lora:
+            rank, scale = lora
+            a = (torch.randn(rank, weight.shape[1], generator=generator) * 0.1).to(torch.bfloat16)
+            b = (torch.randn(weight.shape[0], rank, generator=generator) * 0.1).to(torch.bfloat16)
+            shard |= {prefix + "adaptor.A.weight": a, prefix + "adaptor.B.weight": b}
+            dequantized = dequantized + scale * (b.float() @ a.float())
+        reference[name] = hadamard(dequantized) if rotated else dequantized
+    torch.save(shard, out_dir / "consolidated.00.pth")
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+              "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "use_scaled_rope": args.use_scaled_rope,
+              "quantization_args": {"group_size": group_size, "scheme": INT4_EO8_SCHEME, "spinquant": spinquant}}
+    if lora:
+        params["lora_args"] = {"rank": lora[0], "scale": lora[1]}
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+    return reference
 
 
 def edit_params(meta_dir: Path, **changes: object) -> None:
