@@ -17,6 +17,9 @@ TP degree; each tensor a DTensor, so DCP reshards it like any other weight):
   output row: w = q * scale, scale = max |w| / 448 over the row (Meta's rule). Converted from
   Meta's shards, w1/w3 rows keep the scales their shard gave them; w2 (whose shards scale parts
   of a row differently) is dequantized and requantized per whole row.
+- int4_eo8 (Meta's Llama 3.2 SpinQuant/QLoRA): int4's layout with Meta's float32 scales and
+  zeros, the output projection unquantized, and for QLoRA `<layer>.adaptor_a` (rank, in) and
+  `<layer>.adaptor_b` (out, rank) in the checkpoint's dtype: y = W x + B (A x).
 Scales and zeros of int8/int4 are stored in the checkpoint's dtype and quantization rounds to them. Each
 scale depends only on its own row (int8) or group (int4), never on how the weight is split,
 so every conversion world size writes the same bytes; a row-parallel rank reads only its
@@ -298,7 +301,7 @@ def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """x times the normalized n x n Hadamard matrix (Sylvester's order, n a power of two) over
-    its last dimension, in float32: SpinQuant's online rotation of w2's input, as a fast
+    its last dimension, computed in float32: SpinQuant's online rotation of w2's input, as a fast
     Walsh-Hadamard transform (n log n additions instead of an n x n product)."""
     n = x.shape[-1]
     y = x.float().reshape(-1, n)

@@ -196,7 +196,7 @@ def test_bad_input(tmp_path, small_sp_tokenizer):
     edited = tmp_path / "model_args.json"
     args.save(edited)
     edited.write_text(edited.read_text().replace('"int4"', '"int3"'))
-    with pytest.raises(UserError, match=r'model_args.json: "quantize" int3: unknown quantization; choose int8, int4 or fp8$'):
+    with pytest.raises(UserError, match=r'model_args.json: "quantize" int3: unknown quantization; choose int8, int4, fp8 or int4_eo8$'):
         quantize.check_args(ModelArgs.load(edited), str(edited))
 
 
