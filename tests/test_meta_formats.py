@@ -177,6 +177,10 @@ def test_fp8_bad_input(tmp_path, fp8_meta):
     torch.save(scales, src / FP8_SCALES_FILE.format(0))
     assert_clean_error(run_convert(src, tmp_path / "out", nproc=1), "fp8_scales_0.pt", '"2_feed_forward.w2_0" has shape [63]',
                        "has 64 rows")
+    src = copy("bf16")  # --keep_fp8 on a checkpoint with no FP8
+    for path in shard_paths(src):
+        torch.save({k: v.float() for k, v in torch.load(path, weights_only=True).items()}, path)
+    assert_clean_error(run_convert(src, tmp_path / "out", "--keep_fp8", nproc=1), "--keep_fp8", "holds no FP8 weights")
     src = copy("one-shard")
     (src / "consolidated.01.pth").unlink()
     (src / FP8_SCALES_FILE.format(1)).unlink()
@@ -246,6 +250,9 @@ def test_int4_eo8_bad_input(tmp_path, small_sp_tokenizer):
     edit_params(tmp_path / "meta", quantization_args={"scheme": "int2_weight", "group_size": 32})
     assert_clean_error(run_convert(tmp_path / "meta", tmp_path / "out", nproc=1),
                        'quantization_args scheme "int2_weight" is unknown', "int4_weight_int8_dynamic_activation")
+    edit_params(tmp_path / "meta", quantization_args={"group_size": 32})
+    assert_clean_error(run_convert(tmp_path / "meta", tmp_path / "out", "--quantize", "int8", nproc=1),
+                       "--quantize", "already quantized (Meta's INT4_EO8")
     edit_params(tmp_path / "meta", quantization_args={"group_size": 64})
     assert_clean_error(run_convert(tmp_path / "meta", tmp_path / "out", nproc=1),
                        "layers.0.attention.wq.scales has shape [128, 4], expected [128, 2] for group size 64")
