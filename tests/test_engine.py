@@ -158,6 +158,25 @@ def test_preemption_under_a_tiny_pool_gives_the_same_tokens(model):
         assert not engine.sampler.rows
 
 
+def test_the_torch_attention_path_gives_the_same_tokens(model, monkeypatch):
+    """The path a GPU takes (no C kernel: torch gathers each table, cut to a power of two of
+    blocks, under a mask), run here on CPU: the same tokens as a full forward pass, with chunks,
+    prefix hits and preemptions."""
+    monkeypatch.setattr("llama.model.cpu_linear.decode_attention_applies", lambda *tensors: False)
+    batch = prompts(6, seed=10, longest=30)
+    requests = [Request(i, p, 12, frozenset(), GREEDY) for i, p in enumerate(batch + batch[:2])]
+    engine = Engine(model, EngineConfig(num_blocks=12, block_size=4, max_num_seqs=4, prefill_chunk=5))
+    engine.runner.fixed_width = False
+    widths = []
+    decode = engine.runner._decode_step
+    engine.runner._decode_step = lambda rows, width: widths.append(width) or decode(rows, width)
+    assert run(engine, {0: requests[:6], 3: requests[6:]}) == \
+        {r.id: reference_greedy(model, r.prompt, 12) for r in requests}
+    assert set(widths) <= {1, 2, 4, 8, 16} and len(set(widths)) > 2
+    assert engine.scheduler.preemptions and engine.blocks.hit_tokens
+    assert_pool_empty(engine)
+
+
 def test_a_sequence_alone_that_outgrows_the_pool_ends_at_its_length(model):
     """12 tokens of cache: the 13th token is sampled, never computed, and ends the request."""
     engine = Engine(model, EngineConfig(num_blocks=3, block_size=4))
