@@ -21,7 +21,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--kv_cache_tokens", type=int, help="size the KV cache pool in tokens (shared by all "
                        "sequences)")
     group.add_argument("--kv_cache_memory", type=float, metavar="GIB", help="size the pool in GiB per rank "
-                       f"(default: {CPU_DEFAULT_GIB:g} GiB on CPU, {GPU_MEMORY_FRACTION:.0%} of the GPU memory "
+                       f"(default: {CPU_DEFAULT_GIB:g} GiB on CPU, {GPU_MEMORY_FRACTION * 100:.0f}%% of the GPU memory "
                        "left after the weights; never more than max_batch_size sequences of max_seq_len)")
     group.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                        help="prompt tokens prefilled per step, between decode steps (default %(default)s)")
