@@ -3,10 +3,13 @@ whole sequence however the engine gets there (batched, chunked, from the prefix 
 preemption), block accounting, cancellation and sampling. (Across ranks, the server and
 generate.py tests cover it.)"""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from helpers import LLAMA3_TINY, random_weights
+from helpers import LLAMA3_TINY, REPO, random_weights
 from llama.args import ModelArgs
 from llama.engine import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, EngineConfig, Request, SamplingParams,
                           generate, use_compiled_decode)
@@ -275,3 +278,13 @@ def test_compiled_greedy_tokens_are_argmax_first_of_equals():
     expected = logits.argmax(dim=-1)
     assert expected[1:].tolist() == [5, 0]
     assert torch.equal(torch.compile(greedy_tokens, fullgraph=True, dynamic=False)(logits), expected)
+
+
+@pytest.mark.parametrize("script", ["generate.py", "serve.py", "benchmark.py"])
+def test_help_works(script):
+    """Every script's --help (argparse formats each help with %: a bare percent sign broke it)."""
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    if script != "benchmark.py":
+        assert "--kv_cache_tokens" in result.stdout and "--prefill_chunk" in result.stdout
