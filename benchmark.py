@@ -251,7 +251,8 @@ def main() -> None:
         ceilings[dtype_name] = ceiling = bench.median_ceiling(rounds)
         log(f"{dtype_name}: bandwidth ceiling {ceiling['ceiling_gb_per_s']:.1f} GB/s, the median of {len(rounds)} "
             f"measured between the rounds of trials ({min(ceiling['rounds_gb_per_s']):.1f}-"
-            f"{max(ceiling['rounds_gb_per_s']):.1f}; that one: read {ceiling['read_gb_per_s']:.1f}, "
+            f"{max(ceiling['rounds_gb_per_s']):.1f}; that one: read {ceiling['read_gb_per_s']:.1f} (its reads "
+            f"{ceiling['read_spread_gb_per_s'][0]:.1f}-{ceiling['read_spread_gb_per_s'][-1]:.1f}), "
             f"matvec {ceiling['matvec_gb_per_s']:.1f})")
         for config, measured, peak in runs:
             for scheme, model in models.items():

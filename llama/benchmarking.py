@@ -181,8 +181,11 @@ def _synchronize(device: torch.device) -> None:
 def measure_bandwidth_ceiling(args: ModelArgs, tp: int, dtype: torch.dtype, device: torch.device,
                               repeats: int = 5) -> dict[str, float]:
     """The fastest rate, in bytes/s summed over ranks, at which this device reads memory in
-    `dtype`: the better of a large reduction and a stream of matrix-vector products shaped
-    like the model's (batch 1, as in decode) over a model-sized set of weights, per rank."""
+    `dtype`: the better of a read of a model-sized set of weights per rank and a stream of
+    matrix-vector products over them shaped like the model's (batch 1, as in decode). On CPU the
+    read is the kernels' (every thread its own contiguous part, prefetched: llama.cpu_linear's
+    read_memory), where a reduction (tensor.sum()) was bound by its arithmetic on some CPUs;
+    elsewhere a reduction. read_spread_gb_per_s: the reads' slowest, median and fastest rates."""
     element_size = torch.empty((), dtype=dtype).element_size()
     rows, cols = args.ffn_hidden_dim // tp, args.dim
     budget = decode_bytes_per_step(args, tp, 1, 0, element_size)
@@ -194,12 +197,16 @@ def measure_bandwidth_ceiling(args: ModelArgs, tp: int, dtype: torch.dtype, devi
     x = torch.empty(1, 1, cols, dtype=dtype, device=device).uniform_(-1, 1)
     nbytes = flat.numel() * element_size * dist.get_world_size()
 
-    read = min(_time_on_all_ranks(flat.sum, device, repeats))
+    kernels_read = device.type == "cpu" and cpu_linear.read_memory(flat[:0]) is not None
+    reads = _time_on_all_ranks((lambda: cpu_linear.read_memory(flat)) if kernels_read else flat.sum, device, repeats)
+    read = min(reads)
     with single_row_kernels(device):  # the fastest matrix-vector kernel generate() knows
         matvec = min(_time_on_all_ranks(lambda: [cpu_linear.linear(x, w) for w in weights], device,
                                         repeats))
+    rates = sorted(nbytes / t / 1e9 for t in reads)
     return {"read_gb_per_s": nbytes / read / 1e9, "matvec_gb_per_s": nbytes / matvec / 1e9,
-            "ceiling_gb_per_s": nbytes / min(read, matvec) / 1e9, "bytes_streamed": nbytes}
+            "ceiling_gb_per_s": nbytes / min(read, matvec) / 1e9, "bytes_streamed": nbytes,
+            "read_spread_gb_per_s": [rates[0], rates[len(rates) // 2], rates[-1]]}
 
 
 def median_ceiling(rounds: list[dict[str, float]]) -> dict[str, object]:

@@ -14,6 +14,7 @@
  * extensions (cpu_linear.py's flags).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -938,4 +939,37 @@ int dequantize_rows(const void *w, int64_t ldw, const void *scales, int sbf16, i
         free(row);
     }
     return failed ? -1 : 0;
+}
+
+/* Reads `bytes` (whole 64-byte lines) from p with `threads` threads, each its own contiguous part,
+ * prefetching as the products do (STREAM_BYTES ahead): the rate at which the kernels can stream
+ * their weights, the benchmark's bandwidth ceiling. Returns the XOR of the 64-bit words, so that
+ * the reads are not optimized away. */
+uint64_t read_memory(const void *p, int64_t bytes, int threads) {
+    typedef uint64_t v4q __attribute__((vector_size(32)));
+    int64_t lines = bytes / 64;
+    uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(^ : total)
+    {
+        int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        const char *q = (const char *)p + lines * t / T * 64, *end = (const char *)p + lines * (t + 1) / T * 64;
+        v4q acc[4] = {{0}};
+        for (; q + 128 <= end; q += 128) { /* two lines a step */
+            __builtin_prefetch(q + STREAM_BYTES, 0, 0);
+            __builtin_prefetch(q + STREAM_BYTES + 64, 0, 0);
+            for (int i = 0; i < 4; i++) {
+                v4q v;
+                memcpy(&v, q + 32 * i, sizeof v);
+                acc[i] ^= v;
+            }
+        }
+        for (; q < end; q += 32) {
+            v4q v;
+            memcpy(&v, q, sizeof v);
+            acc[0] ^= v;
+        }
+        v4q all = (acc[0] ^ acc[1]) ^ (acc[2] ^ acc[3]);
+        total = all[0] ^ all[1] ^ all[2] ^ all[3];
+    }
+    return total;
 }

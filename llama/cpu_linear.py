@@ -164,6 +164,8 @@ def _library() -> ctypes.CDLL | None:
         lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int, c_int]
         lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
         lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int, c_int]
+        lib.read_memory.argtypes = [ptr, i64, c_int]
+        lib.read_memory.restype = ctypes.c_uint64
         lib.decode_attention.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64,
                                          ctypes.c_float, ptr, c_int]
     return lib
@@ -269,6 +271,16 @@ def round_int4_activations(x32: torch.Tensor, group_size: int) -> torch.Tensor:
     amax = groups.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / 127, 1.0)
     return (torch.round(groups * (1 / scale)) * scale).view_as(x32)
+
+
+def read_memory(t: torch.Tensor) -> int | None:
+    """Reads t's bytes (contiguous, on CPU; whole 64-byte lines) as the kernels stream their
+    weights, every thread its own contiguous part, prefetched; returns the XOR of its 64-bit
+    words, or None (nothing read) where cpu_linear.c did not build."""
+    lib = _library()
+    if lib is None:
+        return None
+    return lib.read_memory(t.data_ptr(), t.numel() * t.element_size() // 64 * 64, torch.get_num_threads())
 
 
 @torch.compiler.assume_constant_result  # a constant to torch.compile

@@ -186,6 +186,8 @@ def test_benchmark_tp2_reports_every_figure(tmp_path, tiny_checkpoint):
     assert config["trials"] == 2 and config["warmup"] == 1
     for dtype, ceiling in report["bandwidth_ceiling"].items():
         assert ceiling["ceiling_gb_per_s"] == max(ceiling["read_gb_per_s"], ceiling["matvec_gb_per_s"]) > 0
+        slowest, median, fastest = ceiling["read_spread_gb_per_s"]  # the reads' spread; the fastest counts
+        assert 0 < slowest <= median <= fastest == pytest.approx(ceiling["read_gb_per_s"])
         rounds = ceiling["rounds_gb_per_s"]  # one before each round of trials: 2 batch sizes x 2 trials
         assert len(rounds) == 4 and ceiling["ceiling_gb_per_s"] == sorted(rounds)[1]
 

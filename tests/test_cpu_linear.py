@@ -250,3 +250,20 @@ def _with_isa(isa, product):
     finally:
         os.environ[cpu_linear.ISA_VARIABLE] = previous
         cpu_linear._quantized_isa.cache_clear()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_memory_reads_every_line_once(threads):
+    """The benchmark's bandwidth ceiling reads as the kernels do (each thread its own part): every
+    whole 64-byte line exactly once, whatever the split (its XOR of the words says so)."""
+    import numpy as np
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lines in (1, 3, 64, 1001):
+            words = torch.randint(-2**62, 2**62, (lines * 8 + 3,), dtype=torch.int64)  # and a partial line
+            expected = int(np.bitwise_xor.reduce(words[:lines * 8].numpy()).view(np.uint64))
+            assert cpu_linear.read_memory(words) == expected
+    finally:
+        torch.set_num_threads(before)
