@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import native
+from llama.errors import UserError
 
 _SOURCE = Path(__file__).with_name("cpu_linear.c")
 # At most this many rows go through cpu_linear.c, more are a float32 GEMM. The kernel reads
@@ -96,7 +97,7 @@ def _allowed_isa() -> int:
     ONEDNN_MAX_CPU_ISA=AVX2) or `avx512` (the default: what the CPU has)."""
     value = os.environ.get(ISA_VARIABLE, "avx512").lower()
     if value not in ("avx2", "avx512"):
-        raise ValueError(f"{ISA_VARIABLE}={value}: expected avx2 or avx512")
+        raise UserError(f"{ISA_VARIABLE}={value}: use avx2 or avx512 (or leave it unset: the widest the CPU has)")
     return ISA_AVX512 if value == "avx512" else ISA_AVX2
 
 
@@ -110,9 +111,10 @@ def bf16_isa() -> int:
 def _avx512_isa(feature: str) -> int:
     """ISA_AVX512 where the library built its AVX-512 kernels, TP_LLAMA_CPU_ISA allows them and
     the CPU has AVX-512 F/BW/VL/DQ and `feature`, else ISA_AVX2."""
+    allowed = _allowed_isa()  # first, so that a bad value is reported whatever else holds
     lib = _library()
     has = torch.cpu.get_capabilities()
-    if (lib is not None and lib.has_avx512_kernels() and _allowed_isa() == ISA_AVX512
+    if (allowed == ISA_AVX512 and lib is not None and lib.has_avx512_kernels()
             and all(has.get(f"avx512_{name}", False) for name in ("f", "bw", "vl", "dq", feature))):
         return ISA_AVX512
     return ISA_AVX2
@@ -184,15 +186,15 @@ def _bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def _bf16_kernel(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T by cpu_linear.c's bf16 kernel of the instruction set _bf16_isa() chose."""
+def _bf16_kernel(x: torch.Tensor, weight: torch.Tensor, isa: int | None = None) -> torch.Tensor:
+    """x @ weight.T by cpu_linear.c's bf16 kernel of `isa` (default: the one _bf16_isa() chose)."""
     n, k = weight.shape
     rows = x.numel() // k
     if not x.is_contiguous():  # rows of k, one after the other
         x = x.contiguous()
     y = x.new_empty((*x.shape[:-1], n))
     if _library().bf16_linear(x.data_ptr(), rows, k, weight.data_ptr(), weight.stride(0), n, y.data_ptr(),
-                              torch.get_num_threads(), _bf16_isa()) != 0:
+                              torch.get_num_threads(), _bf16_isa() if isa is None else isa) != 0:
         raise MemoryError(f"{rows} x {k} float32 activations")
     return y
 
@@ -232,7 +234,11 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     return _quantized_linear(x, weight, scales, group_size)
 
 
-def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                      isa: int | None = None) -> torch.Tensor:
+    """quantized_linear, with the kernels of `isa` (default: the ones _quantized_isa() chose; AVX2
+    also keeps float32 tiles for many rows)."""
+    isa = _quantized_isa() if isa is None else isa
     n = weight.shape[0]
     k = weight.shape[1] * (2 if group_size else 1)
     rows = x.numel() // k
@@ -249,7 +255,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
         # Prefill multiplies bf16 tiles where torch multiplies bf16 natively (TP_LLAMA_CPU_ISA=avx2
         # keeps float32 ones); a few rows of a width the int4 kernel does not take keep float32,
         # the kernel's result up to float sums.
-        bf16_tiles = x.dtype == torch.bfloat16 and rows > QUANTIZED_FEW_ROWS and _native_bf16_tiles()
+        bf16_tiles = x.dtype == torch.bfloat16 and rows > QUANTIZED_FEW_ROWS and _native_bf16_tiles() and isa
         y = _blocked_gemm(x32.to(torch.bfloat16) if bf16_tiles else x32, n, k, fill)
         return y.to(x.dtype).view(*x.shape[:-1], n)
     compute = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
@@ -257,7 +263,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     y = compute.new_empty((*x.shape[:-1], n))
     if lib.quantized_linear(compute.data_ptr(), rows, k, compute.dtype == torch.bfloat16, weight.data_ptr(),
                             weight.stride(0), scales.data_ptr(), scales_bf16, group_size, n, y.data_ptr(),
-                            threads, _quantized_isa()) != 0:
+                            threads, isa) != 0:
         raise MemoryError(f"{rows} x {k} float32 activations")
     return y if y.dtype == x.dtype else y.to(x.dtype)  # a no-op .to costs 2-3 us a call, 1% of a decode step
 

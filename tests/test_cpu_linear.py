@@ -67,6 +67,24 @@ def test_an_avx2_limit_means_no_native_bf16(env):
     assert out.strip() == "False"
 
 
+def test_avx2_emulation_takes_todays_paths():
+    """An AVX2-only CPU emulated on a newer one, with this project's switch too: no native bf16,
+    and every cpu_linear.c kernel the AVX2 one. A bad value of the switch is one line naming it."""
+    code = "from llama import cpu_linear; print(cpu_linear.NATIVE_BF16, cpu_linear._bf16_isa(), cpu_linear._quantized_isa())"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           cpu_linear.ISA_VARIABLE: "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, check=True)
+    assert out.stdout.split() == ["False", "0", "0"]
+    if cpu_linear._avx512_isa("bf16") == cpu_linear.ISA_AVX512:  # and without the switch: AVX-512's
+        del env[cpu_linear.ISA_VARIABLE]
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                             check=True)
+        assert out.stdout.split()[1] == "1"
+    env[cpu_linear.ISA_VARIABLE] = "sse"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert bad.returncode != 0 and "TP_LLAMA_CPU_ISA=sse: use avx2 or avx512" in bad.stderr
+
+
 def _transparent_huge_pages() -> str:
     try:
         return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
