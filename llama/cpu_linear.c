@@ -377,8 +377,8 @@ int decode_attention(const void *q, int qbf16, const void *k, const void *v, int
  * than streaming bf16, and so is converting each weight to float32 (3 instructions per 8
  * weights). Here the activations of each row are converted once per call to integers and the
  * weights are multiplied as integers into exact sums, with the float scales applied once per
- * row (int8) or group (int4) of sums. AVX2 only (has_quantized_kernels() says whether it was
- * built with it).
+ * row (int8) or group (int4) of sums. Built where the build has AVX2 (has_quantized_kernels()
+ * says whether it was), with AVX-512 VNNI versions beside (below each AVX2 kernel).
  * - int8: activations as 16-bit integers with one scale for the row (|x| / max |x| * 32767: a
  *   rounding error below 2e-5 of the row's largest value, where bf16 activations themselves
  *   carry 4e-3), weights widened to 16 bits, vpmaddwd: 3 instructions per 16 weights.

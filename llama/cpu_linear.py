@@ -24,6 +24,12 @@ of columns, in every path; torch's own CPU kernels for these are compute bound o
 core: no faster than streaming bf16); many rows as float32 GEMMs on dequantized blocks of rows,
 as above.
 
+Each of these kernels has AVX-512 versions in the same build (bf16 with avx512_bf16, int8 and int4
+with VNNI), chosen at run time from what the CPU has; TP_LLAMA_CPU_ISA=avx2 keeps the AVX2 ones.
+Where torch has native bf16, products of up to NATIVE_FEW_ROWS rows by bf16 weights go through the
+avx512_bf16 kernel too (faster than ATen's and oneDNN's for so few rows), and int8/int4 products
+of many rows multiply bf16 tiles of the dequantized weight instead of float32 ones.
+
 The same library holds the decode step's attention on CPU (decode_attention, any CPU where it
 builds): each sequence's query against its cached keys and values up to its position, found
 through its block table and read once as stored, where torch's version converts the whole cache
@@ -255,7 +261,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
         # Prefill multiplies bf16 tiles where torch multiplies bf16 natively (TP_LLAMA_CPU_ISA=avx2
         # keeps float32 ones); a few rows of a width the int4 kernel does not take keep float32,
         # the kernel's result up to float sums.
-        bf16_tiles = x.dtype == torch.bfloat16 and rows > QUANTIZED_FEW_ROWS and _native_bf16_tiles() and isa
+        bf16_tiles = x.dtype == torch.bfloat16 and rows > QUANTIZED_FEW_ROWS and _native_bf16_tiles() and isa == ISA_AVX512
         y = _blocked_gemm(x32.to(torch.bfloat16) if bf16_tiles else x32, n, k, fill)
         return y.to(x.dtype).view(*x.shape[:-1], n)
     compute = x if x.dtype in (torch.bfloat16, torch.float32) else x.float()

@@ -1,9 +1,12 @@
 """A/B of cpu_linear.c's instruction sets on whole generate() runs of a random-weight model, in
-one process: the runs alternate between TP_LLAMA_CPU_ISA=avx2 and the CPU's widest kernels (eager
-mode, where the choice is read at each product), and the medians of the per-pair ratios of
-decode step time and of prefill time are printed, with their quartiles (the noise).
+one process: runs alternate between TP_LLAMA_CPU_ISA=avx2 and the CPU's widest kernels (eager
+mode, where the choice is read at each product), and the medians of the per-pair ratios of the
+prefill's and of a decode step's time are printed with their quartiles (the noise).
 
-    python3 tools/cpu_kernels_ab.py --random_weights llama3.2-1b --quantize int4 --pairs 9
+--cpu_time runs one thread and times by the thread's CPU time: on a shared, loaded machine wall
+time mostly measures the neighbours, while CPU time measures the work (memory stalls included).
+
+    python3 tools/cpu_kernels_ab.py --random_weights llama3.2-1b --quantize int4 --pairs 5 [--cpu_time]
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 
 from llama import benchmarking as bench
 from llama import cpu_linear, quantize
 from llama.distributed import init_runtime
+from llama.generation import generate
 
 
 def choose(isa: str) -> None:
@@ -31,35 +36,46 @@ def main() -> None:
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     p.add_argument("--group_size", type=int, default=quantize.DEFAULT_GROUP_SIZE)
     p.add_argument("--prompt_len", type=int, default=128)
-    p.add_argument("--gen_len", type=int, default=32)
-    p.add_argument("--pairs", type=int, default=7)
+    p.add_argument("--gen_len", type=int, default=16)
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--cpu_time", action="store_true", help="one thread, timed by its CPU time")
     args = p.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     runtime = init_runtime(use_gpus=False)
-    model_args = bench.random_model_args(args.random_weights, args.prompt_len + args.gen_len, 1, "bfloat16")
+    model_args = bench.random_model_args(args.random_weights, args.prompt_len + args.gen_len + 1, 1, "bfloat16")
     if args.quantize != "none":
         model_args.quantize = args.quantize
         model_args.group_size = args.group_size if args.quantize == "int4" else None
     model = bench.build_random_model(model_args, runtime, torch.bfloat16)
     prompt = [list(range(1, args.prompt_len + 1))]
 
+    def timed(gen_len: int) -> float:
+        start = clock()
+        generate(model, prompt, gen_len, stop_ids=frozenset(), temperature=0.0)
+        return clock() - start
+
     def run(isa: str) -> tuple[float, float]:
+        """Seconds of the prefill (with its first token) and of one decode step."""
         choose(isa)
-        trial = bench.time_generate(model, prompt, args.gen_len)
-        return trial.ttft_s, statistics.median(trial.step_s)
+        prefill = timed(1)
+        return prefill, (timed(1 + args.gen_len) - prefill) / args.gen_len
 
     run("avx2"), run("avx512")  # warm-up
-    times = {"avx2": [], "avx512": []}
+    times: dict[str, list[tuple[float, float]]] = {"avx2": [], "avx512": []}
     for i in range(args.pairs):
         for isa in ("avx2", "avx512") if i % 2 == 0 else ("avx512", "avx2"):
             times[isa].append(run(isa))
-    print(f"{args.random_weights} {args.quantize}, {torch.get_num_threads()} threads, "
-          f"kernels: bf16 {cpu_linear._bf16_isa()}, int8/int4 {cpu_linear._quantized_isa()} (1 = AVX-512)")
+    print(f"{args.random_weights} {args.quantize}, {torch.get_num_threads()} thread(s), "
+          f"{'CPU' if args.cpu_time else 'wall'} time; kernels: bf16 {cpu_linear._bf16_isa()}, int8/int4 "
+          f"{cpu_linear._quantized_isa()} (1 = AVX-512), native bf16 {cpu_linear.NATIVE_BF16}")
     for what, index in (("prefill", 0), ("decode step", 1)):
         ratios = sorted(a[index] / b[index] for a, b in zip(times["avx2"], times["avx512"]))
-        a2 = statistics.median(t[index] for t in times["avx2"]) * 1e3
-        a5 = statistics.median(t[index] for t in times["avx512"]) * 1e3
-        print(f"  {what}: avx2 {a2:.1f} ms, avx512 {a5:.1f} ms; avx512 faster by {statistics.median(ratios):.3f}x "
-              f"(quartiles {ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f}, {len(ratios)} pairs)")
+        avx2, avx512 = (statistics.median(t[index] for t in times[isa]) * 1e3 for isa in ("avx2", "avx512"))
+        print(f"  {what}: avx2 {avx2:.1f} ms, avx512 {avx512:.1f} ms; avx512 {statistics.median(ratios):.2f}x as fast "
+              f"(quartiles {ratios[len(ratios) // 4]:.2f}-{ratios[3 * len(ratios) // 4]:.2f}, {len(ratios)} pairs)",
+              flush=True)
 
 
 if __name__ == "__main__":
