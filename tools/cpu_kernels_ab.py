@@ -21,7 +21,7 @@ import torch
 from llama import benchmarking as bench
 from llama import cpu_linear, quantize
 from llama.distributed import init_runtime
-from llama.generation import generate
+from llama.engine import generate
 
 
 def choose(isa: str) -> None:
@@ -52,8 +52,9 @@ def main() -> None:
     prompt = [list(range(1, args.prompt_len + 1))]
 
     def timed(gen_len: int) -> float:
+        engine = bench.engine_for(model, bench.Config(1, args.prompt_len, gen_len))  # prefix cache empty
         start = clock()
-        generate(model, prompt, gen_len, stop_ids=frozenset(), temperature=0.0)
+        generate(engine, prompt, gen_len, stop_ids=frozenset(), temperature=0.0)
         return clock() - start
 
     def run(isa: str) -> tuple[float, float]:
