@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     load.add_argument("--long_prompt", type=int, default=0, help="once the streams decode, send one prompt of N "
                       "tokens (chunked prefill: the streams' largest gap while it is prefilled)")
     load.add_argument("--api_key", help="the server's --api_key")
+    load.add_argument("--guided_json", type=Path, metavar="SCHEMA", help="also run the load with every request "
+                      "constrained to this JSON schema file, alternating with unconstrained runs, --trials pairs "
+                      "per concurrency; reports the median per-pair ratio of inter-token p50")
     return p.parse_args()
 
 
@@ -97,10 +101,18 @@ def load_test(args: argparse.Namespace) -> None:
         raise UserError(f"--shared_prefix {args.shared_prefix}: use 0 to --prompt_len {prompt_len[0]}")
     if args.long_prompt < 0:
         raise UserError(f"--long_prompt {args.long_prompt}: use a positive number of tokens (or 0: none)")
+    schema = read_json_schema(args.guided_json) if args.guided_json else None
     results = []
     for clients in int_list("concurrency", args.concurrency, 1):
-        result = run_load(args.serve, clients, args.requests or 4 * clients, prompt_len[0], gen_len[0],
-                          args.api_key, args.seed, args.request_rate, args.shared_prefix, args.long_prompt)
+        def run(guided_json: dict | None) -> dict:
+            return run_load(args.serve, clients, args.requests or 4 * clients, prompt_len[0], gen_len[0],
+                            args.api_key, args.seed, args.request_rate, args.shared_prefix, args.long_prompt,
+                            guided_json)
+
+        if schema is not None:
+            results.append(compare_constrained(clients, [(run(None), run(schema)) for _ in range(args.trials)]))
+            continue
+        result = run(None)
         results.append(result)
         log(f"concurrency {clients}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} "
             f"output tok/s, TTFT p50/p99 {result['ttft_ms']['p50']:.0f}/{result['ttft_ms']['p99']:.0f} ms, "
@@ -119,6 +131,25 @@ def load_test(args: argparse.Namespace) -> None:
               "results": results}
     if args.output_json:
         args.output_json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def read_json_schema(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--guided_json {path}: not a readable JSON schema ({e})") from None
+
+
+def compare_constrained(clients: int, pairs: list[tuple[dict, dict]]) -> dict:
+    """Unconstrained and constrained runs taken in turns: the median ratio of their inter-token
+    p50 (each pair ran back to back, so slow spells of a shared host hit both)."""
+    plain = [a["inter_token_ms"]["p50"] for a, _ in pairs]
+    ratios = [b["inter_token_ms"]["p50"] / p50 for p50, (_, b) in zip(plain, pairs)]
+    log(f"concurrency {clients}: inter-token p50 constrained / unconstrained, median of {len(pairs)} pairs: "
+        f"{statistics.median(ratios):.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)}; unconstrained p50 "
+        f"{', '.join(f'{p50:.0f}' for p50 in plain)} ms)")
+    return {"concurrency": clients, "inter_token_p50_ratio": statistics.median(ratios), "ratios": ratios,
+            "unconstrained": [a for a, _ in pairs], "constrained": [b for _, b in pairs]}
 
 
 def check_inputs(args: argparse.Namespace) -> None:

@@ -650,28 +650,31 @@ class Reply:
 
     async def _chunks(self, include_usage: bool) -> AsyncIterator[str]:
         offsets = [len(c.prefix) for c in self.job.choices]
-        # Text of a choice that may still turn out to be a tool call is held back until it is known.
-        held: list[str | None] = ["" if c.tools else None for c in self.job.choices]
+        # The updates of a choice that may still turn out to be a tool call are held back until
+        # that is known.
+        held: list[list[Update] | None] = [[] if c.tools else None for c in self.job.choices]
         try:
             for i, choice in enumerate(self.job.choices):
                 if self.chat or choice.prefix:
                     yield _sse(self._envelope([self._choice_chunk(i, choice.prefix, None, None, role=self.chat)],
                                               chunk=True))
             async for u in self.job.updates():
-                i, text = u.index, u.text
+                i, updates = u.index, [u]
                 if held[i] is not None:
-                    held[i] += text
-                    if u.finish_reason == "stop":
-                        call = parse_tool_call(held[i], self.job.choices[i].tools)
-                        if call is not None:
-                            for chunk in self._tool_call_chunks(i, call):
-                                yield _sse(self._envelope([chunk], chunk=True))
-                            continue
-                    if u.finish_reason is None and _may_be_tool_call(held[i]):
+                    held[i].append(u)
+                    text = "".join(h.text for h in held[i])
+                    call = parse_tool_call(text, self.job.choices[i].tools) if u.finish_reason == "stop" else None
+                    if call is not None:
+                        for chunk in self._tool_call_chunks(i, call):
+                            yield _sse(self._envelope([chunk], chunk=True))
                         continue
-                    text, held[i] = held[i], None
-                tokens = [u.token] if u.token is not None else []
-                logprobs = (self._logprobs(tokens, [u.logprob], [u.top_logprobs], offsets[i]) if tokens else None)
+                    if u.finish_reason is None and _may_be_tool_call(text):
+                        continue
+                    updates, held[i] = held[i], None
+                text = "".join(h.text for h in updates)
+                tokens = [h for h in updates if h.token is not None]
+                logprobs = self._logprobs([h.token for h in tokens], [h.logprob for h in tokens],
+                                          [h.top_logprobs for h in tokens], offsets[i]) if tokens else None
                 offsets[i] += len(text)
                 if text or logprobs or u.finish_reason:
                     yield _sse(self._envelope([self._choice_chunk(i, text, logprobs, u.finish_reason)], chunk=True))

@@ -43,10 +43,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], gen_len: int,
-                      headers: dict[str, str], timing: RequestTiming | None = None) -> RequestTiming:
-    """Stream one completion, its token times appended to `timing` (a new one by default) as they come."""
+                      headers: dict[str, str], timing: RequestTiming | None = None,
+                      guided_json: dict | None = None) -> RequestTiming:
+    """Stream one completion, its token times appended to `timing` (a new one by default) as they
+    come; constrained to the JSON schema `guided_json` if given."""
     body = {"model": model, "prompt": prompt, "max_tokens": gen_len, "temperature": 0, "stream": True,
-            "logprobs": 0}
+            "logprobs": 0, **({"guided_json": guided_json} if guided_json is not None else {})}
     timing = timing or RequestTiming(time.perf_counter())
     timing.start = time.perf_counter()
     async with client.stream("POST", url + "/completions", json=body, headers=headers) as response:
@@ -65,7 +67,8 @@ async def _stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: l
 
 
 async def _run(url: str, concurrency: int, requests: int, prompt_len: int, gen_len: int, api_key: str | None,
-               seed: int, request_rate: float, shared_prefix: int, long_prompt: int) -> dict[str, object]:
+               seed: int, request_rate: float, shared_prefix: int, long_prompt: int,
+               guided_json: dict | None) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         try:
@@ -81,7 +84,7 @@ async def _run(url: str, concurrency: int, requests: int, prompt_len: int, gen_l
 
         async def send(prompt: list[int], timing: RequestTiming) -> None:
             async with slots:
-                await _stream_one(client, url, models["id"], prompt, gen_len, headers, timing)
+                await _stream_one(client, url, models["id"], prompt, gen_len, headers, timing, guided_json)
 
         async def send_long() -> RequestTiming:
             """Once the first streams decode, one long prompt (a token back is enough)."""
@@ -131,10 +134,11 @@ def _long_prompt_figures(long: RequestTiming, tokens: int, streams: list[Request
 
 def run_load(url: str, concurrency: int, requests: int, prompt_len: int, gen_len: int, api_key: str | None = None,
              seed: int = 0, request_rate: float = float("inf"), shared_prefix: int = 0,
-             long_prompt: int = 0) -> dict[str, object]:
+             long_prompt: int = 0, guided_json: dict | None = None) -> dict[str, object]:
     """Throughput and latency of `requests` streamed completions, at most `concurrency` at once,
     arriving `request_rate` per second on average (all at once if infinite). Their prompts share
     their first `shared_prefix` tokens; with `long_prompt`, one more prompt of that many tokens
-    is sent once the first streams decode."""
+    is sent once the first streams decode; with `guided_json`, each is constrained to that
+    JSON schema."""
     return asyncio.run(_run(url.rstrip("/"), concurrency, requests, prompt_len, gen_len, api_key, seed,
-                            request_rate, shared_prefix, long_prompt))
+                            request_rate, shared_prefix, long_prompt, guided_json))

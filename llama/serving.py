@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from llama.distributed import Runtime, stop_cleanly_on_sigterm
 from llama.engine import Engine, EngineStats, Request, SamplingParams, TokenEvent
 from llama.logits_processing import LogitsParams
+from llama.structured import grammar_tokenizer
 from llama.streaming import IncrementalDecoder
 from llama.tokenizer import Tokenizer
 
@@ -303,8 +304,11 @@ def warm_up(engine: Engine) -> float:
     request (taking every rank down). Returns the seconds it took."""
     start = time.perf_counter()
     greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9, seed=0)
-    processed = LogitsParams(top_logprobs=1)
+    processed = LogitsParams(top_logprobs=1)  # a grammar would take the same variant
     longest = [0] * longest_prompt(engine)
+    tokenizer = engine.sampler.processor.tokenizer
+    if tokenizer is not None:  # the grammar engine's view of the vocabulary (1 s for Llama 3's)
+        grammar_tokenizer(tokenizer)
     # One after the other: a step with any sampled row runs the sampled variant for all rows,
     # and one with any row asking for logits processing (penalties, grammars...) that variant.
     for i, (sampling, logits) in enumerate([(greedy, LogitsParams()), (sampled, LogitsParams()),

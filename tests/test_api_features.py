@@ -184,6 +184,17 @@ def test_tool_choice_none_and_auto_answer_in_text(client, server):
         assert reply.choices[0].finish_reason in ("stop", "length") and not reply.choices[0].message.tool_calls
 
 
+def test_auto_tool_choice_streams_plain_answers_whole(client, server):
+    """Text held back while it might be a tool call is sent once it is not, with its logprobs."""
+    kwargs = dict(tools=[WEATHER], tool_choice="auto", max_tokens=12, temperature=0, logprobs=True,
+                  extra_body={"ignore_eos": True})
+    whole = chat(client, server, **kwargs).choices[0]
+    chunks = [c for c in chat(client, server, stream=True, **kwargs) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in whole.logprobs.content] and len(streamed) == 12
+
+
 # --- n, logprobs, penalties
 
 

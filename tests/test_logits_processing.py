@@ -132,3 +132,38 @@ def test_sentencepiece_vocabulary(small_sp_tokenizer):
     matcher.fill_bitmask(bitmask, 0)
     allowed = unpack_bitmask(bitmask, tok.n_words)[0].nonzero().flatten().tolist()
     assert allowed and all("Four score".startswith(tok._sp.id_to_piece(t).replace("\u2581", " ")) for t in allowed)
+
+
+def test_compiled_step_does_not_recompile_per_request(llama3_tokenizer):
+    """After serve.py's warm-up, requests with other penalties, biases, grammars and
+    top_logprobs run the compiled steps without compiling them again."""
+    from torch._dynamo.utils import counters
+
+    from helpers import LLAMA3_TINY, random_weights
+    from llama.args import ModelArgs
+    from llama.engine import Engine, EngineConfig, Request, SamplingParams, use_compiled_decode
+    from llama.model import Transformer
+    from llama.serving import warm_up
+
+    tok = llama3_tokenizer
+    args = ModelArgs(**LLAMA3_TINY, vocab_size=tok.n_words)
+    model = Transformer(args).eval()
+    model.load_state_dict(random_weights(args, seed=3))
+    use_compiled_decode(model)
+    engine = Engine(model, EngineConfig(max_num_seqs=2), tok)
+    warm_up(engine)
+    graphs = counters["stats"]["unique_graphs"]
+    schema = {"type": "object", "properties": {"b": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["b"], "additionalProperties": False}
+    finished = {}
+    # One at a time, as the warm-up ran: a larger batch takes another (compiled once) bucket.
+    for i, params in enumerate([LogitsParams(frequency_penalty=1.0, repetition_penalty=1.2),
+                                LogitsParams(grammar=json_schema_grammar(schema), top_logprobs=3,
+                                             logit_bias=((5, 2.0),))]):
+        for temperature in (0.0, 1.0):
+            engine.submit(Request(2 * i + int(temperature), [1, 2, 3], 6, frozenset({tok.eos_id}),
+                                  SamplingParams(temperature, 0.9, i), params))
+            while engine.busy:
+                finished |= {e.request_id: e.finish_reason for e in engine.step() if e.finish_reason}
+    assert finished == {0: "length", 1: "length", 2: "stop", 3: "stop"}
+    assert counters["stats"]["unique_graphs"] == graphs
