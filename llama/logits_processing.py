@@ -58,7 +58,9 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, pen
     """Repetition penalty r on every seen token (a positive logit divided by r, a negative one
     multiplied, as CTRL and vLLM do), then OpenAI's presence and frequency penalties on the
     generated ones: logit[j] -= frequency * count[j] + presence * (count[j] > 0)."""
-    presence, frequency, repetition = (penalties[:, i:i + 1] for i in range(3))
+    # Contiguous (rows, 1) columns: broadcasting a strided column over the vocabulary is 25x
+    # slower on CPU (3.6 against 0.14 ms for 8 rows of 128k).
+    presence, frequency, repetition = penalties.T.contiguous()[:, :, None]
     repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(seen, repeated, logits)
     return logits - counts * frequency - (counts > 0).float() * presence
@@ -151,7 +153,7 @@ class LogitsProcessor:
                 for stop in row.stop_ids:
                     self.bitmask[slot, stop // 32] &= ~_bit(stop % 32)
         index = torch.tensor(slots, device=self.device)
-        return LogitsInputs(self.counts[index], self.seen[index], self.penalties[index], self.bias[index],
+        return LogitsInputs(*(t.index_select(0, index) for t in (self.counts, self.seen, self.penalties, self.bias)),
                             self.bitmask[slots].to(self.device, non_blocking=True))
 
     def accept(self, sampled: dict[int, int]) -> set[int]:
