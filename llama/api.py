@@ -524,7 +524,8 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         call must follow when tool_choice requires one."""
         choice = body.tool_choice or ("auto" if body.tools else "none")
         if choice != "none" and not body.tools:
-            raise APIError(400, "tool_choice: names a tool, or requires one, but no tools were given", param="tool_choice")
+            raise APIError(400, "tool_choice: names a tool, or requires one, but no tools were given",
+                           param="tool_choice")
         uses_tools = body.tools or any(m.role == "tool" or m.tool_calls for m in body.messages)
         if uses_tools and config.chat_format != "llama3":
             raise APIError(400, "tools: Llama 2 has no tool-call format; tools, tool calls and tool messages need "

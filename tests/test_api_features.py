@@ -206,7 +206,8 @@ def test_n_choices_are_seeded_and_share_the_prompt(client, server):
     one = chat(client, server, seed=11, temperature=1.0, max_tokens=8)
     assert first.usage.prompt_tokens == one.usage.prompt_tokens and one.choices[0].message.content == texts[0]
     greedy = chat(client, server, n=3, temperature=0, max_tokens=8)
-    assert len({c.message.content for c in greedy.choices}) == 1 and greedy.usage.prompt_tokens == one.usage.prompt_tokens
+    assert len({c.message.content for c in greedy.choices}) == 1
+    assert greedy.usage.prompt_tokens == one.usage.prompt_tokens
 
 
 def test_top_logprobs_are_the_model_top_k(client, server, tokenizer, reference_model):

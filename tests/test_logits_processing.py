@@ -91,7 +91,8 @@ def test_min_tokens_masks_stop_ids_until_reached():
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},
                                            "kind": {"enum": ["cat", "dog"]},
-                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}},
+                                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                                    "maxItems": 3}},
           "required": ["name", "age", "kind", "tags"], "additionalProperties": False}
 
 
