@@ -149,7 +149,7 @@ TRIAL_KEYS = {"ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s_per_seq", 
               "decode_latency_ms"}
 RESULT_KEYS = TRIAL_KEYS | {"dtype", "batch_size", "prompt_len", "gen_len", "bytes_per_decode_step", "roofline",
                             "weight_bytes_per_rank", "kv_cache_bytes_per_rank", "peak_memory_per_rank",
-                            "peak_memory_bytes", "baseline", "baseline_ratio", "quantize"}
+                            "peak_memory_bytes", "baseline", "baseline_ratio", "quantize", "prefill_tflop_per_s"}
 
 
 def check_trial_figures(figures: dict) -> None:
@@ -210,6 +210,8 @@ def test_benchmark_tp2_reports_every_figure(tmp_path, tiny_checkpoint):
         assert roofline["fraction_of_ceiling"] == pytest.approx(
             roofline["achieved_gb_per_s"] / roofline["ceiling_gb_per_s"])
         assert 0 < roofline["fraction_of_ceiling"] < 10  # tiny weights live in cache: no upper bound of 1
+        assert r["prefill_tflop_per_s"] == pytest.approx(
+            r["prefill_tokens_per_s"]["median"] / 5 * bench.prefill_flops(args, 5) / 1e12)
         weights = sum(math.prod(s) for s in args.weight_shapes().values())
         assert weights * element_size / 2 < r["weight_bytes_per_rank"] < weights * element_size
         assert len(r["peak_memory_per_rank"]) == 2
