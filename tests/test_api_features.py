@@ -198,7 +198,18 @@ def test_auto_tool_choice_streams_plain_answers_whole(client, server):
 # --- n, logprobs, penalties
 
 
+def prefix_cache_hits(server) -> float:
+    metrics = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=60).text
+    return float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("tp_llama:prefix_cache_hits_total")))
+
+
 def test_n_choices_are_seeded_and_share_the_prompt(client, server):
+    hits = prefix_cache_hits(server)
+    messages = [{"role": "user", "content": f"A prompt no other test sends, {server.model}, long enough for blocks"}]
+    shared = chat(client, server, messages=messages, n=3, seed=1, temperature=1.0, max_tokens=2)
+    blocks = shared.usage.prompt_tokens // 16  # the engine's default block size
+    assert prefix_cache_hits(server) - hits >= 2 * 16 * blocks > 0  # the 2nd and 3rd choice reuse the 1st's
     first, again = (chat(client, server, n=3, seed=11, temperature=1.0, max_tokens=8) for _ in range(2))
     texts = [c.message.content for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1, 2] and len(set(texts)) > 1

@@ -62,6 +62,8 @@ class Scheduler:
                     budget -= n
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self._prefilling_same_start(seq):
+                break  # it takes those blocks from the prefix cache once they are computed
             prefix = self.blocks.cached_prefix(seq)
             n = min(len(seq.token_ids) - len(prefix) * self.blocks.block_size, budget)
             if not self.blocks.can_admit(prefix, len(prefix) * self.blocks.block_size + n):
@@ -80,6 +82,15 @@ class Scheduler:
             retry.preempted[:0] = plan.preempted
             return retry
         return plan
+
+    def _prefilling_same_start(self, seq: Sequence) -> bool:
+        """Whether a running sequence is still prefilling the same first block as seq (the n
+        completions of one prompt, sent together): seq waits for its blocks instead of computing
+        the same prompt again."""
+        size = self.blocks.block_size
+        start = seq.token_ids[:size]
+        return (self.blocks.prefix_caching and len(start) == size
+                and any(s.num_uncomputed > 1 and s.token_ids[:size] == start for s in self.running))
 
     def _make_room(self, seq: Sequence, plan: Schedule) -> bool:
         """A block for seq's next token, preempting the youngest sequences if need be; False if
