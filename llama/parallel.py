@@ -27,6 +27,13 @@ from llama.model import Transformer
 from llama.shm_collectives import Collectives, for_mesh
 
 
+def _alias_local_shard(module: nn.Module) -> None:
+    """The module's local shard as a plain tensor, `local_weight` (a non-persistent buffer sharing
+    the DTensor's storage), which the forwards below read: a DTensor weight costs a compiled step
+    host time to unwrap. Made again by share_local_shards once a meta-built model is materialized."""
+    module.register_buffer("local_weight", module.weight.to_local(), persistent=False)
+
+
 def _local_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x times the local shard; llama.cpu_linear chooses the kernel by what the CPU has."""
     return cpu_linear.linear(x, module.local_weight)
@@ -61,6 +68,7 @@ class LocalColwiseParallel(ColwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         distribute_module(module, device_mesh, self._partition_linear_fn)
+        _alias_local_shard(module)
         module.forward = functools.partial(_local_linear, module)
         return module
 
@@ -72,6 +80,7 @@ class LocalRowwiseParallel(RowwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         distribute_module(module, device_mesh, self._partition_linear_fn)
+        _alias_local_shard(module)
         if device_mesh.size() == 1:
             module.forward = functools.partial(_local_linear, module)
         else:
@@ -98,6 +107,7 @@ class VocabParallelEmbedding(RowwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         distribute_module(module, device_mesh, self._partition_embedding_fn)
+        _alias_local_shard(module)
         if device_mesh.size() == 1:
             module.forward = lambda tokens: F.embedding(tokens, module.local_weight)
         else:
@@ -111,6 +121,7 @@ class GatheredColwiseParallel(ColwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         distribute_module(module, device_mesh, self._partition_linear_fn)
+        _alias_local_shard(module)
         module.forward = functools.partial(_all_gathered, functools.partial(_local_linear, module),
                                            for_mesh(device_mesh), module.out_features)
         return module
@@ -139,6 +150,7 @@ class KVHeadParallel(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         module.weight = nn.Parameter(distribute_tensor(module.weight, self.kv_mesh, [Shard(0), Replicate()]))
+        _alias_local_shard(module)
         module.forward = functools.partial(_local_linear, module)
         return module
 
@@ -278,21 +290,20 @@ class FusedLocalLinear(nn.Module):
 
 
 def share_local_shards(model: Transformer) -> None:
-    """After materialization, before loading: every unquantized layer's forward reads its local
-    shard as a plain tensor (local_weight, a non-persistent alias), and wq/wk/wv and w1/w3 are
-    fused into one product each (wqkv, w13). A compiled step then takes plain tensors as inputs,
-    not DTensors, whose unwrapping cost its host 1.9 ms a call, and makes 3 products a layer
-    instead of 7 (llama2-7b bf16 on an H200, with coordinate descent tuning: 7.2 -> 5.2 ms a step).
-    Quantized layers are laid out after loading (quantize.pack_for_device)."""
+    """After materialization, before loading: every unquantized layer's local_weight aliases its
+    shard again (to_empty gave buffers and parameters storage of their own), and wq/wk/wv and
+    w1/w3 are fused into one product each (wqkv, w13). A compiled step then takes plain tensors as
+    inputs, not DTensors, whose unwrapping cost its host 1.9 ms a call, and makes 3 products a
+    layer instead of 7 (llama2-7b bf16 on an H200, with coordinate descent tuning: 7.2 -> 5.2 ms a
+    step). Quantized layers are laid out after loading (quantize.pack_for_device)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "weight", None), DTensor) and hasattr(module, "local_weight"):
+            _alias_local_shard(module)
     for module in list(model.modules()):
         for fused, names in quantize.FUSED.items():
             parts = [getattr(module, name, None) for name in names]
-            if all(isinstance(part, nn.Linear) and not hasattr(part, "scheme") for part in parts):
+            if all(isinstance(part, nn.Linear) and hasattr(part, "local_weight") for part in parts):
                 setattr(module, fused, FusedLocalLinear(parts))
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, DTensor) and not hasattr(module, "scheme") and not hasattr(module, "local_weight"):
-            module.register_buffer("local_weight", weight.to_local(), persistent=False)
 
 
 def build_sharded(args: ModelArgs, mesh: DeviceMesh, device: torch.device, dtype: torch.dtype) -> Transformer:
