@@ -1,16 +1,20 @@
 """Per-request changes to the logits before sampling: penalties, biases, grammars, min_tokens,
 and the top log-probabilities a request asks to see.
 
-The transforms are pure tensor functions over every row of a step, so they run inside the
-(compiled) sampling step on the device. A row that asks for nothing gets the identity
-(penalties 0, repetition 1, bias 0, every token allowed), exactly, so its tokens do not change.
-Their per-row state (token counts, bias, allowed-token bitmask) lives in `LogitsProcessor`, one
-row per running sequence (llama.engine.sampler hands them out), with fixed shapes: a new
-request never makes the step recompile.
+A penalty or a bias changes only the tokens it names (those of the prompt, those generated,
+those biased): `penalize` writes exactly those, a few hundred entries, instead of transforming
+the whole vocabulary (over Llama 3's 128k tokens, the dense transforms cost 2 ms a row on a CPU;
+a grammar's mask needs the whole row anyway). Being sparse, their number changes every step, so
+`penalize` runs eagerly, before the compiled sampling step; the bitmask has a fixed shape and is
+applied inside it (`apply_bitmask`). A row that asks for nothing has no entries and every token
+allowed, so its logits do not change, exactly. The per-row state (token counts, bias, grammar
+matcher) lives in `LogitsProcessor`, one row per running sequence (llama.engine.sampler hands
+them out).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,13 +42,21 @@ class LogitsParams:
         return self != LogitsParams()
 
 
-class LogitsInputs(NamedTuple):
-    """The step's per-row processing tensors (rows = the step's rows)."""
+class Entries(NamedTuple):
+    """Sparse values over a step's logits: entry i is at (rows[i], ids[i]), each pair once."""
 
-    counts: torch.Tensor  # (rows, vocab) float32: times each token was generated
-    seen: torch.Tensor  # (rows, vocab) bool: in the prompt or generated
-    penalties: torch.Tensor  # (rows, 3) float32: presence, frequency, repetition
-    bias: torch.Tensor  # (rows, vocab) float32
+    rows: torch.Tensor  # (n,) int64
+    ids: torch.Tensor  # (n,) int64
+    values: torch.Tensor  # (n,) float32, what the entry means depends on its use
+
+
+class LogitsInputs(NamedTuple):
+    """The step's processing inputs (rows = the step's rows)."""
+
+    repeated: Entries  # tokens of the prompt or generated, for rows with a repetition penalty: the penalty
+    generated: Entries  # generated tokens, for rows with a presence or frequency penalty: their counts
+    penalties: torch.Tensor  # (rows, 2) float32: presence, frequency
+    biased: Entries  # logit_bias: the value added
     bitmask: torch.Tensor  # (rows, ceil(vocab / 32)) int32: bit t % 32 of word t // 32 allows token t
 
 
@@ -54,24 +66,37 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return ((bitmask[:, :, None] >> bits) & 1).flatten(1)[:, :vocab].bool()
 
 
-def penalize(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
-    """Repetition penalty r on every seen token (a positive logit divided by r, a negative one
-    multiplied, as CTRL and vLLM do), then OpenAI's presence and frequency penalties on the
-    generated ones: logit[j] -= frequency * count[j] + presence * (count[j] > 0)."""
-    # Contiguous (rows, 1) columns: broadcasting a strided column over the vocabulary is 25x
-    # slower on CPU (3.6 against 0.14 ms for 8 rows of 128k).
-    presence, frequency, repetition = penalties.T.contiguous()[:, :, None]
-    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
-    logits = torch.where(seen, repeated, logits)
-    return logits - counts * frequency - (counts > 0).float() * presence
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where the row's bitmask forbids a token."""
+    return logits.masked_fill(~unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
+
+
+def penalize(logits: torch.Tensor, inputs: LogitsInputs) -> torch.Tensor:
+    """The logits with the repetition penalty r on every token in `repeated` (a positive logit
+    divided by r, a negative one multiplied, as CTRL and vLLM do), then OpenAI's presence and
+    frequency penalties on the generated ones, logit[j] -= frequency * count[j] + presence *
+    (count[j] > 0), then the biases added. Every other logit is untouched. Always a new tensor:
+    the compiled sampling step takes both, and inputs that alias would make it compile again."""
+    logits = logits.clone()
+    rows, ids, repetition = inputs.repeated
+    if ids.numel():
+        chosen = logits[rows, ids]
+        logits[rows, ids] = torch.where(chosen > 0, chosen / repetition, chosen * repetition)
+    rows, ids, counts = inputs.generated
+    if ids.numel():
+        presence, frequency = inputs.penalties[rows].T
+        # The order of the dense definition's operations, so the result is the same to the bit.
+        logits[rows, ids] = logits[rows, ids] - counts * frequency - presence
+    rows, ids, bias = inputs.biased
+    if ids.numel():
+        logits[rows, ids] += bias
+    return logits
 
 
 def process_logits(logits: torch.Tensor, inputs: LogitsInputs) -> torch.Tensor:
     """The logits sampling draws from: penalized, biased, and -inf where the row's bitmask
     forbids a token."""
-    logits = penalize(logits, inputs.counts, inputs.seen, inputs.penalties) + inputs.bias
-    allowed = unpack_bitmask(inputs.bitmask, logits.shape[-1])
-    return logits.masked_fill(~allowed, float("-inf"))
+    return apply_bitmask(penalize(logits, inputs), inputs.bitmask)
 
 
 def top_logprobs(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +109,21 @@ class _Row:
     params: LogitsParams
     stop_ids: frozenset[int]
     matcher: object | None  # llama.structured.Matcher
+    prompt_ids: torch.Tensor  # the prompt's distinct tokens (for the repetition penalty only)
+    prompt_set: frozenset[int]
+    bias_ids: torch.Tensor
+    bias_values: torch.Tensor
+    counts: Counter[int] = field(default_factory=Counter)  # generated token -> times
+    new_ids: list[int] = field(default_factory=list)  # generated tokens not in the prompt, first seen first
     generated: int = 0
+
+    @property
+    def repetition(self) -> bool:
+        return self.params.repetition_penalty != 1.0
+
+    @property
+    def presence_or_frequency(self) -> bool:
+        return self.params.presence_penalty != 0.0 or self.params.frequency_penalty != 0.0
 
 
 @dataclass
@@ -100,80 +139,98 @@ class LogitsProcessor:
     rows: list[_Row | None] = field(init=False)
 
     def __post_init__(self) -> None:
-        words = (self.vocab + 31) // 32
         self.rows = [None] * self.slots
-        self.counts = torch.zeros(self.slots, self.vocab, device=self.device)
-        self.seen = torch.zeros(self.slots, self.vocab, dtype=torch.bool, device=self.device)
-        self.bias = torch.zeros(self.slots, self.vocab, device=self.device)
-        self.penalties = torch.tensor([[0.0, 0.0, 1.0]] * self.slots, device=self.device)
-        self.bitmask = torch.full((self.slots, words), -1, dtype=torch.int32)  # filled on the CPU each step
+        self.bitmask = torch.full((self.slots, (self.vocab + 31) // 32), -1, dtype=torch.int32)  # on the CPU
 
     def admit(self, slot: int, prompt: list[int], stop_ids: frozenset[int], params: LogitsParams) -> None:
         """Give `slot` to a new request (every request, so the slot's old state is cleared)."""
+        self.rows[slot] = None
+        if not params.asks_anything:
+            return
         matcher = None
         if params.grammar is not None:
             from llama.structured import Matcher
 
             assert self.tokenizer is not None, "a grammar needs the engine's tokenizer"
             matcher = Matcher(self.tokenizer, params.grammar)
-        self.rows[slot] = _Row(params, stop_ids, matcher) if params.asks_anything else None
-        if self.rows[slot] is None:
-            return
-        self.counts[slot] = 0
-        self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt, device=self.device)] = True
-        self.bias[slot] = 0
-        if params.logit_bias:
-            ids, values = zip(*params.logit_bias)
-            self.bias[slot, torch.tensor(ids, device=self.device)] = torch.tensor(values, device=self.device)
-        self.penalties[slot] = torch.tensor([params.presence_penalty, params.frequency_penalty,
-                                             params.repetition_penalty], device=self.device)
+        prompt_set = frozenset(prompt) if params.repetition_penalty != 1.0 else frozenset()
+        ids, values = zip(*params.logit_bias) if params.logit_bias else ((), ())
+        self.rows[slot] = _Row(params, stop_ids, matcher, torch.tensor(sorted(prompt_set), dtype=torch.int64),
+                               prompt_set, torch.tensor(ids, dtype=torch.int64),
+                               torch.tensor(values, dtype=torch.float32))
 
     def release(self, slot: int) -> None:
-        if self.rows[slot] is not None:
-            self.rows[slot] = None
-            self.penalties[slot] = torch.tensor([0.0, 0.0, 1.0], device=self.device)
-            self.bias[slot] = 0
+        self.rows[slot] = None
 
     def active(self, slots: list[int]) -> bool:
         """Whether any of these slots changes its logits (else the step skips processing)."""
         return any(self.rows[s] is not None for s in slots)
 
     def inputs(self, slots: list[int]) -> LogitsInputs:
-        """The processing tensors of these slots, in this order, for this step (the bitmask is
+        """The processing inputs of these slots, in this order, for this step (the bitmask is
         computed now)."""
         self.bitmask[slots] = -1
-        for slot in set(slots):
+        repeated, generated, biased = _EntriesBuilder(), _EntriesBuilder(), _EntriesBuilder()
+        penalties = torch.zeros(len(slots), 2)
+        for i, slot in enumerate(slots):
             row = self.rows[slot]
             if row is None:
                 continue
+            if row.repetition:
+                ids = torch.cat((row.prompt_ids, torch.tensor(row.new_ids, dtype=torch.int64)))
+                repeated.add(i, ids, torch.full(ids.shape, row.params.repetition_penalty))
+            if row.presence_or_frequency and row.counts:
+                penalties[i] = torch.tensor([row.params.presence_penalty, row.params.frequency_penalty])
+                generated.add(i, torch.tensor(list(row.counts)), torch.tensor(list(row.counts.values()),
+                                                                             dtype=torch.float32))
+            biased.add(i, row.bias_ids, row.bias_values)
             if row.matcher is not None:
                 row.matcher.fill_bitmask(self.bitmask, slot)
             if row.generated < row.params.min_tokens:
                 for stop in row.stop_ids:
                     self.bitmask[slot, stop // 32] &= ~_bit(stop % 32)
-        index = torch.tensor(slots, device=self.device)
-        return LogitsInputs(*(t.index_select(0, index) for t in (self.counts, self.seen, self.penalties, self.bias)),
+        return LogitsInputs(repeated.build(self.device), generated.build(self.device),
+                            penalties.to(self.device, non_blocking=True), biased.build(self.device),
                             self.bitmask[slots].to(self.device, non_blocking=True))
 
     def accept(self, sampled: dict[int, int]) -> set[int]:
         """Record the token each slot sampled (slot -> token); returns the slots whose grammar
         is now complete (their requests are done)."""
-        mine = {slot: token for slot, token in sampled.items() if self.rows[slot] is not None}
-        if not mine:
-            return set()
-        slots, tokens = (torch.tensor(list(t), device=self.device) for t in (mine.keys(), mine.values()))
-        self.counts[slots, tokens] += 1
-        self.seen[slots, tokens] = True
         done = set()
-        for slot, token in mine.items():
+        for slot, token in sampled.items():
             row = self.rows[slot]
+            if row is None:
+                continue
             row.generated += 1
+            if row.repetition and token not in row.counts and token not in row.prompt_set:
+                row.new_ids.append(token)
+            row.counts[token] += 1
             if row.matcher is not None:
                 row.matcher.accept(token)
                 if row.matcher.done:
                     done.add(slot)
         return done
+
+
+class _EntriesBuilder:
+    """Collects a step's entries row by row, then moves them to the device at once."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, row: int, ids: torch.Tensor, values: torch.Tensor) -> None:
+        if ids.numel():
+            self.rows.append(torch.full(ids.shape, row, dtype=torch.int64))
+            self.ids.append(ids)
+            self.values.append(values)
+
+    def build(self, device: torch.device) -> Entries:
+        if not self.ids:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return Entries(empty, empty, empty.float())
+        return Entries(*(torch.cat(parts).to(device, non_blocking=True) for parts in (self.rows, self.ids, self.values)))
 
 
 def _bit(i: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import llama3_tokenizer_path
-from llama.logits_processing import LogitsParams, LogitsProcessor, penalize, process_logits, unpack_bitmask
+from llama.logits_processing import LogitsParams, LogitsProcessor, process_logits, unpack_bitmask
 from llama.structured import GrammarError, Matcher, json_schema_grammar, regex_grammar
 from llama.tokenizer import Tokenizer
 
@@ -22,16 +22,35 @@ def llama3_tokenizer() -> Tokenizer:
     return Tokenizer(llama3_tokenizer_path())
 
 
+def dense_definition(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, presence: float,
+                     frequency: float, repetition: float) -> torch.Tensor:
+    """The penalties over the whole vocabulary, as their definitions read."""
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    # OpenAI: mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
+    return logits - counts * frequency - (counts > 0).float() * presence
+
+
+def generate_into(processor: LogitsProcessor, slot: int, tokens: list[int]) -> torch.Tensor:
+    """Feed `tokens` to the slot as if sampled; their counts over the vocabulary."""
+    counts = torch.zeros(VOCAB)
+    for token in tokens:
+        processor.accept({slot: token})
+        counts[token] += 1
+    return counts
+
+
 def test_frequency_and_presence_penalties_follow_openai_definition():
-    logits = torch.randn(2, VOCAB)
-    counts = torch.zeros(2, VOCAB)
-    counts[0, 3], counts[0, 5], counts[1, 7] = 2, 1, 4
-    penalties = torch.tensor([[0.5, 0.25, 1.0], [0.0, 1.5, 1.0]])  # presence, frequency, repetition
-    out = penalize(logits, counts, counts > 0, penalties)
-    # mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
-    expected = logits - counts * penalties[:, 1:2] - (counts > 0).float() * penalties[:, 0:1]
-    assert torch.equal(out, expected)
-    assert out[0, 3] == logits[0, 3] - 2 * 0.25 - 0.5 and out[1, 7] == logits[1, 7] - 4 * 1.5
+    processor = LogitsProcessor(slots=3, vocab=VOCAB, device=torch.device("cpu"))
+    processor.admit(0, [3, 4], frozenset(), LogitsParams(presence_penalty=0.5, frequency_penalty=0.25))
+    processor.admit(2, [1], frozenset(), LogitsParams(frequency_penalty=1.5))
+    counts = torch.stack([generate_into(processor, 0, [3, 5, 3]), torch.zeros(VOCAB),
+                          generate_into(processor, 2, [7, 7, 7, 7, 69])])
+    logits = torch.randn(3, VOCAB)
+    out = process_logits(logits, processor.inputs([0, 1, 2]))
+    assert torch.equal(out[0], dense_definition(logits[0], counts[0], counts[0] > 0, 0.5, 0.25, 1.0))
+    assert torch.equal(out[1], logits[1])
+    assert torch.equal(out[2], dense_definition(logits[2], counts[2], counts[2] > 0, 0.0, 1.5, 1.0))
+    assert out[0, 3] == logits[0, 3] - 2 * 0.25 - 0.5 and out[2, 7] == logits[2, 7] - 4 * 1.5
     # The distribution moves by exactly that: unpenalized tokens keep their ratios, a token
     # generated twice loses exp(2 * 0.25 + 0.5) against them.
     p, q = logits.softmax(-1), out.softmax(-1)
@@ -40,10 +59,15 @@ def test_frequency_and_presence_penalties_follow_openai_definition():
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
-    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
-    seen = torch.tensor([[True, True, False, False]])
-    out = penalize(logits, torch.zeros(1, 4), seen, torch.tensor([[0.0, 0.0, 2.0]]))
-    assert out.tolist() == [[1.0, -4.0, 2.0, -2.0]]
+    processor = LogitsProcessor(slots=1, vocab=VOCAB, device=torch.device("cpu"))
+    processor.admit(0, [0, 1, 1], frozenset(), LogitsParams(repetition_penalty=2.0, presence_penalty=0.5))
+    counts = generate_into(processor, 0, [1, 4, 4, 68])
+    logits = torch.tensor([2.0, -2.0, 2.0, -2.0, 3.0] + [1.0] * (VOCAB - 5))[None]
+    out = process_logits(logits, processor.inputs([0]))
+    assert out[0, :5].tolist() == [1.0, -4.5, 2.0, -2.0, 1.0]  # 1 and 4: also the presence penalty
+    seen = counts > 0
+    seen[[0, 1]] = True
+    assert torch.equal(out[0], dense_definition(logits[0], counts, seen, 0.5, 0.0, 2.0))
 
 
 def test_defaults_are_the_identity_exactly():

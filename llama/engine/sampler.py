@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from llama.logits_processing import LogitsInputs, LogitsProcessor, process_logits, top_logprobs
+from llama.logits_processing import LogitsProcessor, apply_bitmask, penalize, top_logprobs
 from llama.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -54,19 +54,20 @@ Sampled = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | 
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
-                sampling: bool, processing: LogitsInputs | None = None) -> Sampled:
+                sampling: bool, processing: tuple[torch.Tensor, torch.Tensor] | None = None) -> Sampled:
     """Each row's next token and its log-probability (before temperature). logits (rows, vocab).
 
     A row with temperature 0 is greedy; the others draw from the top-p nucleus of the
     tempered distribution (Meta's rule: keep the most likely tokens until the mass before
     them exceeds top_p) by inverting its cumulative sum at the row's `uniform` draw in [0, 1).
     With sampling=False every row is greedy and the sort is skipped. `processing`, when some
-    row asks for it, changes the logits that are sampled (llama.logits_processing); log-
-    probabilities stay those of the model's own logits."""
+    row asks for it, is the penalized logits and the rows' bitmask (llama.logits_processing):
+    tokens are drawn from those; log-probabilities stay those of the model's own logits."""
     logprobs = torch.log_softmax(logits, dim=-1)
     top = None
     if processing is not None:
-        logits = process_logits(logits, processing)
+        penalized, bitmask = processing
+        logits = apply_bitmask(penalized, bitmask)
         top = top_logprobs(logprobs)
     tokens = greedy_tokens(logits)
     if sampling:
@@ -112,7 +113,11 @@ class Sampler:
         rows = [self._row(seq) for seq in seqs] + [self.padding_row] * (logits.shape[0] - len(seqs))
         temperature, top_p, uniform = self._parameters(seqs, logits.shape[0], logits.device)
         sampling = any(seq.sampling.temperature > 0 for seq in seqs)
-        processing = self.processor.inputs(rows) if self.processor.active(rows) else None
+        processing = None
+        if self.processor.active(rows):
+            inputs = self.processor.inputs(rows)
+            # Eager: the penalties' entries change in number every step (llama.logits_processing).
+            processing = (penalize(logits, inputs), inputs.bitmask)
         tokens, logprobs, top = self._sample_rows(logits.shape[0])(logits, temperature, top_p, uniform, sampling,
                                                                    processing)
         # One transfer brings both back (token ids are exact in float64).
