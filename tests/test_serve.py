@@ -282,15 +282,20 @@ def test_disconnect_frees_the_slot_while_others_stream_and_a_full_queue_gets_503
         assert next(lines) is not None
     assert wait_idle(server) == {"status": "ok", "running": 0, "waiting": 0}
 
-    long_request = {"model": server.model, "prompt": PROMPTS[5], "max_tokens": 100, "temperature": 0}
-    # Three times what the server holds: the engine finishes a request of 100 tokens of this
-    # model in about a second, so fewer arriving at once (by threads of a loaded host) left none out.
-    with concurrent.futures.ThreadPoolExecutor(3 * (SLOTS + QUEUE)) as pool:
-        responses = list(pool.map(lambda _: raw(server, "POST", "/v1/completions", json=long_request),
-                                  range(3 * (SLOTS + QUEUE))))
-    busy = [r for r in responses if r.status_code == 503]
-    assert busy and all(r.headers["Retry-After"] for r in busy)
-    assert all(r.status_code in (200, 503) for r in responses)
+    # Fill the server (SLOTS running, QUEUE waiting: long answers that ignore the end token and
+    # cannot all fit the pool), then one more arrives: a 503. The server is seen full before
+    # the extra request is sent, so a fast host cannot finish the others first.
+    long_request = {"model": server.model, "prompt": PROMPTS[5], "max_tokens": 100, "temperature": 0,
+                    "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(SLOTS + QUEUE) as pool:
+        answers = [pool.submit(raw, server, "POST", "/v1/completions", json=long_request)
+                   for _ in range(SLOTS + QUEUE)]
+        deadline = time.monotonic() + 30
+        while sum(raw(server, "GET", "/health").json()[k] for k in ("running", "waiting")) < SLOTS + QUEUE:
+            assert time.monotonic() < deadline and not any(a.done() for a in answers), "the server never filled"
+        extra = raw(server, "POST", "/v1/completions", json=long_request)
+        assert extra.status_code == 503 and extra.headers["Retry-After"], extra.text
+        assert [a.result().status_code for a in answers] == [200] * (SLOTS + QUEUE)
     assert wait_idle(server)["running"] == 0
 
 
