@@ -41,6 +41,14 @@ class LogitsParams:
     def asks_anything(self) -> bool:
         return self != LogitsParams()
 
+    @property
+    def repetition(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    @property
+    def presence_or_frequency(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 class Entries(NamedTuple):
     """Sparse values over a step's logits: entry i is at (rows[i], ids[i]), each pair once."""
@@ -93,12 +101,6 @@ def penalize(logits: torch.Tensor, inputs: LogitsInputs) -> torch.Tensor:
     return logits
 
 
-def process_logits(logits: torch.Tensor, inputs: LogitsInputs) -> torch.Tensor:
-    """The logits sampling draws from: penalized, biased, and -inf where the row's bitmask
-    forbids a token."""
-    return apply_bitmask(penalize(logits, inputs), inputs.bitmask)
-
-
 def top_logprobs(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's MAX_TOP_LOGPROBS most likely tokens: (logprobs, ids), most likely first."""
     return logprobs.topk(MAX_TOP_LOGPROBS, dim=-1)
@@ -116,14 +118,6 @@ class _Row:
     counts: Counter[int] = field(default_factory=Counter)  # generated token -> times
     new_ids: list[int] = field(default_factory=list)  # generated tokens not in the prompt, first seen first
     generated: int = 0
-
-    @property
-    def repetition(self) -> bool:
-        return self.params.repetition_penalty != 1.0
-
-    @property
-    def presence_or_frequency(self) -> bool:
-        return self.params.presence_penalty != 0.0 or self.params.frequency_penalty != 0.0
 
 
 @dataclass
@@ -153,7 +147,7 @@ class LogitsProcessor:
 
             assert self.tokenizer is not None, "a grammar needs the engine's tokenizer"
             matcher = Matcher(self.tokenizer, params.grammar)
-        prompt_set = frozenset(prompt) if params.repetition_penalty != 1.0 else frozenset()
+        prompt_set = frozenset(prompt) if params.repetition else frozenset()
         ids, values = zip(*params.logit_bias) if params.logit_bias else ((), ())
         self.rows[slot] = _Row(params, stop_ids, matcher, torch.tensor(sorted(prompt_set), dtype=torch.int64),
                                prompt_set, torch.tensor(ids, dtype=torch.int64),
@@ -176,11 +170,11 @@ class LogitsProcessor:
             row = self.rows[slot]
             if row is None:
                 continue
-            if row.repetition:
+            if row.params.repetition:
                 ids = torch.cat((row.prompt_ids, torch.tensor(row.new_ids, dtype=torch.int64)))
                 repeated.add(i, ids, torch.full(ids.shape, row.params.repetition_penalty))
-            if row.presence_or_frequency and row.counts:
-                penalties[i] = torch.tensor([row.params.presence_penalty, row.params.frequency_penalty])
+            if row.params.presence_or_frequency and row.counts:
+                penalties[i, 0], penalties[i, 1] = row.params.presence_penalty, row.params.frequency_penalty
                 generated.add(i, torch.tensor(list(row.counts)), torch.tensor(list(row.counts.values()),
                                                                              dtype=torch.float32))
             biased.add(i, row.bias_ids, row.bias_values)
@@ -202,7 +196,7 @@ class LogitsProcessor:
             if row is None:
                 continue
             row.generated += 1
-            if row.repetition and token not in row.counts and token not in row.prompt_set:
+            if row.params.repetition and token not in row.counts and token not in row.prompt_set:
                 row.new_ids.append(token)
             row.counts[token] += 1
             if row.matcher is not None:

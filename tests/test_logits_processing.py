@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import llama3_tokenizer_path
-from llama.logits_processing import LogitsParams, LogitsProcessor, process_logits, unpack_bitmask
+from llama.logits_processing import (LogitsInputs, LogitsParams, LogitsProcessor, apply_bitmask, penalize,
+                                     unpack_bitmask)
 from llama.structured import GrammarError, Matcher, json_schema_grammar, regex_grammar
 from llama.tokenizer import Tokenizer
 
@@ -20,6 +21,11 @@ VOCAB = 70  # not a multiple of 32: the bitmask's last word is partial
 @pytest.fixture(scope="module")
 def llama3_tokenizer() -> Tokenizer:
     return Tokenizer(llama3_tokenizer_path())
+
+
+def process_logits(logits: torch.Tensor, inputs: LogitsInputs) -> torch.Tensor:
+    """What the engine's sampler draws from: penalized, biased, then masked."""
+    return apply_bitmask(penalize(logits, inputs), inputs.bitmask)
 
 
 def dense_definition(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, presence: float,
