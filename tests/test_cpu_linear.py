@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import REPO
 from llama import cpu_linear
@@ -56,6 +57,30 @@ def test_compiled_equals_eager():
 def test_other_dtypes_keep_f_linear():
     x, w = torch.randn(4, 64), torch.randn(32, 64)
     assert torch.equal(cpu_linear.linear(x, w), F.linear(x, w))
+
+
+class RecordedOps(TorchDispatchMode):
+    """The aten operators called inside it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decode_steps_rows_are_one_matrix_product():
+    """A decode step's attention output, (batch, 1, dim), reaches the products with an odd stride
+    on its length-1 dimension, as a compiled step lays it out. It must still be one matrix
+    product: torch's matmul makes such an input a batch of products by copies of the weight."""
+    x = torch.randn(8, 64).as_strided((8, 1, 64), (64, 16, 1))
+    w = torch.randn(32, 64)
+    with RecordedOps() as ops:
+        y = cpu_linear.linear(x, w)
+    assert "aten.bmm" not in ops.names and ops.names.count("aten.mm") == 1, ops.names
+    torch.testing.assert_close(y, (x.reshape(8, 64) @ w.T).view(8, 1, 32))
 
 
 @pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}])
