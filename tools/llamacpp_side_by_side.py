@@ -217,7 +217,7 @@ def main() -> None:
                   f"({o['decode_tok_s']:.2f} vs {l['decode_tok_s']:.2f} tok/s), "
                   f"prefill {o['prefill_tok_s']:.1f} vs {l['prefill_tok_s']:.1f} tok/s; "
                   f"our ceiling {o['ceiling_gb_s']:.1f} GB/s", flush=True)
-    (work / "side_by_side.json").write_text(json.dumps(rounds, indent=2) + "\n")
+        (work / "side_by_side.json").write_text(json.dumps(rounds, indent=2) + "\n")  # kept if a later round fails
     print(table(rounds))
 
 
