@@ -38,12 +38,8 @@ SDIST_VERSION = "0.3.36"
 # (our --quantize name, llama.cpp type, llama-quantize's extra arguments): --pure keeps every
 # tensor Q4_0, as our int4 quantizes every linear weight alike (no Q6_K output layer).
 FORMATS = (("none", "bf16", ()), ("int8", "Q8_0", ()), ("int4", "Q4_0", ("--pure",)))
-# The Llama 3.2 1B shape (this project's `llama3.2-1b`) with mistral-common's 32k vocabulary.
-HF_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-                 max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                 rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-                                      high_freq_factor=4.0, original_max_position_embeddings=8192))
+# This project's `llama3.2-1b` shape with mistral-common's 32k vocabulary.
+SHAPE, VOCAB = "llama3.2-1b", 32000
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -79,14 +75,17 @@ def hf_model(work: Path) -> Path:
     """A random-weight transformers model saved with save_pretrained, with its tokenizer.model."""
     import mistral_common
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from llama.args import ModelArgs
+    from llama.benchmarking import SHAPES, hf_config
 
     out = work / "hf-llama3.2-1b-shape-32k"
     if (out / "config.json").exists():
         return out
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(LlamaConfig(**HF_CONFIG, torch_dtype="bfloat16"))
+    model = LlamaForCausalLM(hf_config(ModelArgs(**{**SHAPES[SHAPE], "vocab_size": VOCAB}), torch.bfloat16))
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(out)
     # The sentencepiece model as a Llama 2 repository holds it: convert_hf_to_gguf.py reads it
@@ -111,7 +110,9 @@ def gguf_models(source: Path, binaries: Path, hf_dir: Path, work: Path) -> dict[
 def gguf_decode_bytes(source: Path, path: Path, positions: float) -> float:
     """Bytes one llama.cpp decode step reads: every stored tensor but the token embedding, one
     row of that, and the f16 keys and values of `positions` positions in every layer."""
-    sys.path.insert(0, str(source / "gguf-py"))
+    gguf_py = str(source / "gguf-py")  # llama.cpp's own reader, not installed
+    if gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -143,7 +144,7 @@ def ours(args: argparse.Namespace, work: Path, round_no: int) -> dict[str, dict[
     """benchmark.py's figures per --quantize name (its three models built together)."""
     report = work / f"ours-round{round_no}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    run([sys.executable, REPO / "benchmark.py", "--random_weights", "llama3.2-1b", "--quantize", "none,int8,int4",
+    run([sys.executable, REPO / "benchmark.py", "--random_weights", SHAPE, "--quantize", "none,int8,int4",
          "--compile", "--batch_size", 1, "--prompt_len", args.prompt_len, "--gen_len", args.gen_len,
          "--trials", args.repetitions, "--warmup", 1, "--output_json", report], env=env, cwd=REPO)
     figures = {}
@@ -159,15 +160,14 @@ def ours(args: argparse.Namespace, work: Path, round_no: int) -> dict[str, dict[
 
 def table(rounds: list[dict]) -> str:
     """Markdown: medians over rounds of each figure, and of the per-round ratios."""
-    med = lambda values: statistics.median(values)  # noqa: E731
     lines = ["| format | decode GB/s, ours vs llama.cpp | prefill tok/s, ours vs llama.cpp |", "|---|---|---|"]
     for name, kind, _ in FORMATS:
         cells = []
         for metric, digits in (("decode_gb_s", 1), ("prefill_tok_s", 0)):
             a = [r["ours"][name][metric] for r in rounds]
             b = [r["llama.cpp"][name][metric] for r in rounds]
-            ratio = med([x / y for x, y in zip(a, b)])
-            cells.append(f"{med(a):.{digits}f} vs {med(b):.{digits}f} ({ratio:.2f}×)")
+            ratio = statistics.median([x / y for x, y in zip(a, b)])
+            cells.append(f"{statistics.median(a):.{digits}f} vs {statistics.median(b):.{digits}f} ({ratio:.2f}×)")
         label = "bf16" if kind == "bf16" else f"{name} vs {kind}"
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
