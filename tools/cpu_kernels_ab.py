@@ -14,14 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from llama import benchmarking as bench
-from llama import cpu_linear, quantize
-from llama.distributed import init_runtime
-from llama.engine import generate
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python3 tools/...
+
+from llama import benchmarking as bench  # noqa: E402
+from llama import cpu_linear, quantize  # noqa: E402
+from llama.distributed import init_runtime  # noqa: E402
+from llama.engine import generate  # noqa: E402
 
 
 def choose(isa: str) -> None:

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_linear, quantize
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python3 tools/...
+
+from llama import cpu_linear, quantize  # noqa: E402
 
 AVX2, AVX512 = cpu_linear.ISA_AVX2, cpu_linear.ISA_AVX512
 

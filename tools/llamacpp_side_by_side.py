@@ -34,6 +34,7 @@ import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this repository's llama package, run as python3 tools/...
 SDIST_VERSION = "0.3.36"
 # (our --quantize name, llama.cpp type, llama-quantize's extra arguments): --pure keeps every
 # tensor Q4_0, as our int4 quantizes every linear weight alike (no Q6_K output layer).
