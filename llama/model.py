@@ -80,13 +80,16 @@ class PagedBatch:
     (sequences, width), each sequence's blocks in order (unused entries are any valid block).
     query_lens and context_lens: for a prefill, each sequence's new tokens (laid out one
     sequence after another) and its length once they are in; None for a decode step, where
-    each sequence has one token, at `positions`."""
+    each sequence has one token, at `positions`. decodes: in a prefill, how many sequences
+    come first with one decode token each (at `positions`, block tables first); query_lens and
+    context_lens describe the sequences after them."""
 
     positions: torch.Tensor
     slots: torch.Tensor
     block_tables: torch.Tensor
     query_lens: list[int] | None = None
     context_lens: list[int] | None = None
+    decodes: int = 0
 
 
 def paged_decode_attention(q: torch.Tensor, cache: KVCache, block_tables: torch.Tensor,
@@ -130,11 +133,16 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     """Causal attention of each sequence's new tokens (q, k, v: (1, heads, tokens, head_dim), the
     sequences one after another) over its cached prefix and themselves.
 
+    The first batch.decodes tokens are decode steps, attended together as a decode step's are.
     A sequence starting at position 0 attends only to its own keys (the fused kernels, no cache
     read: what a whole prompt's prefill always was); one continuing a cached prefix (a later
     chunk, or a prompt whose first blocks the prefix cache held) reads its blocks back."""
-    outputs, start = [], 0
-    for i, (n, length) in enumerate(zip(batch.query_lens, batch.context_lens)):
+    outputs, start = [], batch.decodes
+    if start:
+        q_decode = q[0, :, :start].transpose(0, 1).unsqueeze(2)  # (decodes, heads, 1, head_dim)
+        y = paged_decode_attention(q_decode, cache, batch.block_tables[:start], batch.positions[:start])
+        outputs.append(y.squeeze(2).transpose(0, 1)[None])
+    for i, (n, length) in enumerate(zip(batch.query_lens, batch.context_lens), start=batch.decodes):
         qi = q[:, :, start:start + n]
         gqa = q.shape[1] != k.shape[1]
         if n == length:

@@ -161,6 +161,32 @@ def test_preemption_under_a_tiny_pool_gives_the_same_tokens(model):
         assert not engine.sampler.rows
 
 
+def test_a_step_decoding_beside_a_prompt_chunk_is_one_forward(model):
+    """While one request decodes, another's prompt arrives and is prefilled in chunks: every step
+    is one pass over the weights (one output projection), the decoding request's token included,
+    and both get the tokens they get alone."""
+    first, second = prompts(2, seed=11, longest=30)
+    requests = [Request(0, first, 12, frozenset(), GREEDY), Request(1, second + [5] * 20, 8, frozenset(), GREEDY)]
+    engine = Engine(model, EngineConfig(block_size=4, prefill_chunk=6))
+    forwards = []
+    hook = model.output.register_forward_hook(lambda *_: forwards.append(1))
+    out: dict[int, list[int]] = {}
+    try:
+        engine.submit(requests[0])
+        for step in range(40):
+            if step == 3:
+                engine.submit(requests[1])
+            before = len(forwards)
+            for event in engine.step():
+                out.setdefault(event.request_id, []).extend([event.token] if event.token is not None else [])
+            assert len(forwards) - before == 1, f"step {step}"
+            if not engine.busy:
+                break
+    finally:
+        hook.remove()
+    assert out == {r.id: reference_greedy(model, r.prompt, r.max_new_tokens) for r in requests}
+
+
 def test_the_torch_attention_path_gives_the_same_tokens(model, monkeypatch):
     """The path a GPU takes (no C kernel: torch gathers each table, cut to a power of two of
     blocks, under a mask), run here on CPU: the same tokens as a full forward pass, with chunks,
@@ -175,7 +201,7 @@ def test_the_torch_attention_path_gives_the_same_tokens(model, monkeypatch):
     engine.runner._decode_step = lambda rows, width: widths.append(width) or decode(rows, width)
     assert run(engine, {0: requests[:6], 3: requests[6:]}) == \
         {r.id: reference_greedy(model, r.prompt, 12) for r in requests}
-    assert set(widths) <= {1, 2, 4, 8, 16} and len(set(widths)) > 2
+    assert set(widths) <= {1, 2, 4, 8, 16} and len(set(widths)) > 1
     assert engine.scheduler.preemptions and engine.blocks.hit_tokens
     assert_pool_empty(engine)
 

@@ -1,9 +1,9 @@
 """The engine: requests in, token events out, one step at a time.
 
 Each step the scheduler picks the work (decode every running sequence, prefill up to a chunk
-of prompt tokens), the model runner computes it over the paged KV cache, the sampler picks the
-new tokens, and the engine turns them into events, ending requests at a stop id, their length
-limit or a cancellation and releasing their blocks. Every rank runs the same engine on the same
+of prompt tokens), the model runner computes it over the paged KV cache in one forward, the
+sampler picks the new tokens, and the engine turns them into events, ending requests at a stop
+id, their length limit or a cancellation and releasing their blocks. Every rank runs the same engine on the same
 requests and cancellations in the same order, so all take the same steps. generate() below,
 the chat, the benchmark and the server all drive this engine; they differ only in where the
 requests come from and what they do with the events.
@@ -122,19 +122,22 @@ class Engine:
         for seq in plan.preempted:
             self.sampler.release(seq)
         events = [self._end(seq, FINISH_LENGTH) for seq in plan.out_of_room]
-        if plan.decode:
-            logits = self.runner.decode(plan.decode)
-            for seq in plan.decode:
-                seq.num_computed += 1
-            events += self._advance(plan.decode, logits)
-        if plan.prefill:
+        if plan.prefill:  # the decoding sequences' tokens go in the same forward
             done = [seq for seq, n in plan.prefill if n == seq.num_uncomputed]
-            logits = self.runner.prefill(plan.prefill, done)
+            logits = self.runner.prefill(plan.prefill, done, plan.decode)
             for seq, n in plan.prefill:
                 seq.num_computed += n
                 self.blocks.cache_computed_blocks(seq)
-            if done:
-                events += self._advance(done, logits)
+            sampled = plan.decode + done
+        elif plan.decode:
+            logits = self.runner.decode(plan.decode)
+            sampled = plan.decode
+        else:
+            return events
+        for seq in plan.decode:
+            seq.num_computed += 1
+        if sampled:
+            events += self._advance(sampled, logits)
         return events
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:

@@ -1,7 +1,8 @@
 """The model's forward passes over the paged cache, for the sequences a step schedules.
 
 A prefill computes the new tokens of one or more sequences in one forward (their tokens one
-after another); a decode step computes one token for each decoding sequence, and only for
+after another), together with the decoding sequences' next tokens if any; a step with nothing
+to prefill is a decode step, which computes one token for each decoding sequence, and only for
 them: the batch is padded up to the next of a few sizes (1, 2, 4, ... max_num_seqs), so that a
 compiled step (one CUDA graph on GPU) is made once per size, not once per batch. Padding rows
 write to a scratch block outside the pool and are never sampled.
@@ -14,6 +15,7 @@ import weakref
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from llama.engine.sampler import CAN_ISOLATE
 from llama.engine.sequence import Sequence
@@ -105,10 +107,19 @@ class ModelRunner:
         self.compiled = _COMPILED_DECODE.get(model)
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[tuple[Sequence, int]], sampled: list[Sequence]) -> torch.Tensor:
-        """Compute `n` new tokens of each (sequence, n) of chunks; returns logits at the last token
-        of the sequences in `sampled` (those whose chunk reaches their end), in that order."""
-        tokens, positions, slots, query_lens, context_lens, last = [], [], [], [], [], []
+    def prefill(self, chunks: list[tuple[Sequence, int]], sampled: list[Sequence],
+                decoding: list[Sequence] = ()) -> torch.Tensor:
+        """Compute `n` new tokens of each (sequence, n) of chunks, and in the same forward the next
+        token of each sequence in `decoding`: one pass over the weights serves both, so a prompt's
+        chunk costs the running streams little more than their decode step. Returns logits for
+        `decoding`, then for the sequences in `sampled` (those whose chunk reaches their end) at
+        their last token, in that order; compiled, padded with rows up to a decode bucket, so
+        that sampling compiles once per bucket."""
+        tokens = [seq.token_ids[-1] for seq in decoding]
+        positions = [seq.num_computed for seq in decoding]
+        slots = [self._slot(seq, seq.num_computed) for seq in decoding]
+        last = list(range(len(decoding)))
+        query_lens, context_lens = [], []
         for seq, n in chunks:
             start = seq.num_computed
             span = range(start, start + n)
@@ -119,11 +130,17 @@ class ModelRunner:
             context_lens.append(start + n)
             if seq in sampled:
                 last.append(len(tokens) - 1)
-        width = max(len(seq.block_table) for seq, _ in chunks)
-        tables = [seq.block_table + [self.scratch_block] * (width - len(seq.block_table)) for seq, _ in chunks]
+        seqs = [*decoding, *(seq for seq, _ in chunks)]
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [self.scratch_block] * (width - len(seq.block_table)) for seq in seqs]
         inputs = torch.tensor([tokens, positions, slots], dtype=torch.int64).to(self.device)
-        batch = PagedBatch(inputs[1], inputs[2], torch.tensor(tables, device=self.device), query_lens, context_lens)
-        return self.model.prefill(inputs[0], batch, torch.tensor(last, dtype=torch.int64, device=self.device))
+        batch = PagedBatch(inputs[1], inputs[2], torch.tensor(tables, device=self.device), query_lens, context_lens,
+                           decodes=len(decoding))
+        logits = self.model.prefill(inputs[0], batch, torch.tensor(last, dtype=torch.int64, device=self.device))
+        if self.compiled is None or not last:
+            return logits
+        rows = next(size for size in self.buckets if size >= len(last))
+        return F.pad(logits, (0, 0, 0, rows - len(last)))
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
