@@ -62,6 +62,9 @@ QUANTIZED_FEW_ROWS = 16
 # cpu_linear.c's int4 kernel takes rows of whole 64-column blocks (narrower local rows, as a
 # small model's split over many ranks can leave, multiply dequantized blocks instead).
 INT4_KERNEL_COLUMNS = 64
+# ... and its int8 kernel rows of whole 32-column blocks (each block's activations have their own
+# scale; no model's layer is narrower).
+INT8_KERNEL_COLUMNS = 32
 # Bytes of the float32 block of weight rows that a GEMM multiplies at a time.
 BLOCK_BYTES = 4 << 20
 # Where torch multiplies bf16 natively, at most this many rows (one pass over the weight) go
@@ -179,6 +182,7 @@ def _library() -> ctypes.CDLL | None:
         lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int, c_int]
         lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
         lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int, c_int]
+        lib.int8_order.argtypes = [i64, ptr]
         lib.read_memory.argtypes = [ptr, i64, c_int]
         lib.read_memory.restype = ctypes.c_uint64
         lib.decode_attention.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64,
@@ -258,13 +262,14 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     lib = _library()
     threads = torch.get_num_threads()
     scales_bf16 = scales.dtype == torch.bfloat16
-    if rows > QUANTIZED_FEW_ROWS or (group_size and k % INT4_KERNEL_COLUMNS):
+    if rows > QUANTIZED_FEW_ROWS or k % (INT4_KERNEL_COLUMNS if group_size else INT8_KERNEL_COLUMNS):
         def fill(block: torch.Tensor, start: int, stop: int) -> None:
             if lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size,
                                    k, start, stop, block.data_ptr(), block.dtype == torch.bfloat16, threads) != 0:
                 raise MemoryError(f"a row of {k} float32 weights")
         x32 = x.reshape(rows, k).to(torch.float32)
-        x32 = round_int4_activations(x32, group_size) if group_size else x32
+        # int4 rounds the activations as its kernel does; int8's weight columns are in int8_order
+        x32 = round_int4_activations(x32, group_size) if group_size else x32[:, int8_order(k)]
         # Prefill multiplies bf16 tiles where torch multiplies bf16 natively (TP_LLAMA_CPU_ISA=avx2
         # keeps float32 ones); a few rows of a width the int4 kernel does not take keep float32,
         # the kernel's result up to float sums.
@@ -279,6 +284,17 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
                             threads, isa) != 0:
         raise MemoryError(f"{rows} x {k} float32 activations")
     return y if y.dtype == x.dtype else y.to(x.dtype)  # a no-op .to costs 2-3 us a call, 1% of a decode step
+
+
+@functools.cache
+def int8_order(k: int) -> torch.Tensor:
+    """The column order of int8 weights for cpu_linear.c's kernels: position p of a row of k holds
+    column order[p]. Columns are regrouped within units of 32-column blocks so that each vector
+    lane meets one block, whose activations have a scale of their own (cpu_linear.c says why).
+    Shared: read, never write."""
+    order = torch.empty(k, dtype=torch.int64)
+    _library().int8_order(k, order.data_ptr())
+    return order
 
 
 def round_int4_activations(x32: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -270,9 +270,10 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
 def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's stored shards (plain tensors on the target device) -> (weight, scales) in
-    the layout of the device's kernel: llama.cpu_linear's where it builds (the stored values and
-    scales as they are), else torch's (scales in the compute dtype). fp8: the stored tensors
-    where `torch._scaled_mm` runs them, else the weight dequantized to `dtype` (scales None)."""
+    the layout of the device's kernel: llama.cpu_linear's where it builds (the stored values, int8's
+    columns in cpu_linear.int8_order, and the scales as they are), else torch's (scales in the
+    compute dtype). fp8: the stored tensors where `torch._scaled_mm` runs them, else the weight
+    dequantized to `dtype` (scales None)."""
     if scheme.name == "fp8":
         if fp8_products(weight.device, dtype):
             return weight.contiguous(), scales.float().contiguous()
@@ -280,7 +281,7 @@ def kernel_operands(scheme: Scheme, weight: torch.Tensor, scales: torch.Tensor, 
     if _uses_cpu_linear(weight):  # scales as stored (bf16 or float32: what the kernel reads)
         scale_dtype = scales.dtype if scales.dtype in (torch.bfloat16, torch.float32) else torch.float32
         if scheme.name == "int8":
-            return weight.contiguous(), scales.to(scale_dtype).contiguous()
+            return weight[:, cpu_linear.int8_order(weight.shape[1])], scales.to(scale_dtype).contiguous()
         return weight.contiguous(), torch.stack((scales, zeros), dim=-1).to(scale_dtype).contiguous()
     if scheme.name == "int8":
         return weight.contiguous(), scales.to(dtype).contiguous()

@@ -221,8 +221,8 @@ def test_bf16_kernel_of_each_instruction_set(kernel_isa, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quantized_kernels_of_each_instruction_set(kernel_isa, threads):
     """int8 and int4 kernels against the dequantized product, activations and scales float32 and
-    bf16; (out, in) shapes with rows of 64 + 128 columns (a last half block), of 4096 columns (two
-    int8 spans), odd counts of output rows; every group size; 1-4 activation rows (one pass), 5 (4
+    bf16; (out, in) shapes with rows of 64 + 128 columns (a last half block; int8: units of 4 and 2
+    blocks), of 4096 columns, of 1000 (int8: not whole blocks, a GEMM), odd counts of output rows; every group size; 1-4 activation rows (one pass), 5 (4
     and 1), QUANTIZED_FEW_ROWS, and 42 (prefill: a GEMM on dequantized tiles). int8: AVX-512 VNNI's integer sums are AVX2's, and its outputs
     AVX2's bit for bit; int4: the same integer sums, the float ones in another order."""
     from llama import quantize
@@ -234,7 +234,7 @@ def test_quantized_kernels_of_each_instruction_set(kernel_isa, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for (n, k), group, dtype in itertools.product([(40, 256), (77, 192), (130, 2048), (9, 4096)],
+        for (n, k), group, dtype in itertools.product([(40, 256), (77, 192), (130, 2048), (9, 4096), (33, 1000)],
                                                       [0, *quantize.GROUP_SIZES], [torch.float32, torch.bfloat16]):
             if group and k % group:
                 continue
@@ -281,6 +281,40 @@ def test_quantized_kernels_of_each_instruction_set(kernel_isa, threads):
                         torch.testing.assert_close(got, avx2, rtol=2**-7, atol=1e-3, msg=str(case))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("split", [512, 96])
+def test_int8_product_split_at_blocks_is_the_whole_product(kernel_isa, split):
+    """Row parallelism: each rank multiplies its columns of the rows (a multiple of 32; the stored
+    values and row scales as they are) and the parts are summed in float32. The int8 kernel rounds
+    each 32 columns of activations with a scale of their own, so the sum of the parts is the whole
+    product up to float sums, though one part is 10^4 times larger than the other (with a scale
+    for a rank's whole row, the whole product rounded the small part with the large one's step).
+    Half the output rows have no weight on the large part, so that step would show in full."""
+    from llama import quantize
+
+    forced(kernel_isa, cpu_linear._quantized_isa(), "VNNI")
+    n, k = 64, 1024
+    g = torch.Generator().manual_seed(split)
+    weight = torch.randn(n, k, generator=g) * 0.05
+    weight[: n // 2, :split] = 0
+    stored = quantize.quantize(weight, quantize.Scheme("int8"), torch.float32)
+    x = torch.randn(5, k, generator=g)
+    x[:, :split] *= 100
+    x[:, split:] *= 0.01
+
+    def product(rows: torch.Tensor, columns: slice) -> torch.Tensor:
+        operands = quantize.kernel_operands(quantize.Scheme("int8"), stored["weight"][:, columns], stored["scales"],
+                                            None, torch.float32)
+        return cpu_linear._quantized_linear(rows[:, columns].contiguous(), *operands, 0)
+
+    dequantized = quantize.dequantize(stored["weight"], stored["scales"], None)
+    for rows in (x[:1], x):  # one pass over the weight for 1 row, two (4 + 1) for 5
+        whole = product(rows, slice(None))
+        parts = product(rows, slice(None, split)) + product(rows, slice(split, None))
+        # float32 sums: a few units in the last place of the sum of the terms' magnitudes
+        bound = 2**-20 * F.linear(rows.abs(), dequantized.abs())
+        assert ((parts - whole).abs() <= bound).all(), ((parts - whole).abs() / bound).max()
 
 
 def _with_isa(isa, product):
