@@ -19,8 +19,8 @@ are rounded to the activations' dtype once, as torch's bf16 kernels round them.
 
 Weight-only int8 and int4 weights (llama.quantize) on x86 CPUs with AVX2, where cpu_linear.c
 builds: few rows through its quantized kernels, which read the stored layout as it is and
-multiply integers (int8 weights by the activations rounded to 16 bits, int4 by 8 bits per group
-of columns, in every path; torch's own CPU kernels for these are compute bound on AVX2 at 4-5 G weights/s a
+multiply integers (int8 weights by the activations rounded to 16 bits per 32 columns, int4 by 8
+bits per group of columns, in every path; torch's own CPU kernels for these are compute bound on AVX2 at 4-5 G weights/s a
 core: no faster than streaming bf16); many rows as float32 GEMMs on dequantized blocks of rows,
 as above.
 
@@ -269,7 +269,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
                 raise MemoryError(f"a row of {k} float32 weights")
         x32 = x.reshape(rows, k).to(torch.float32)
         # int4 rounds the activations as its kernel does; int8's weight columns are in int8_order
-        x32 = round_int4_activations(x32, group_size) if group_size else x32[:, int8_order(k)]
+        x32 = round_int4_activations(x32, group_size) if group_size else x32.index_select(1, int8_order(k))
         # Prefill multiplies bf16 tiles where torch multiplies bf16 natively (TP_LLAMA_CPU_ISA=avx2
         # keeps float32 ones); a few rows of a width the int4 kernel does not take keep float32,
         # the kernel's result up to float sums.
