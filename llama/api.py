@@ -30,7 +30,8 @@ from llama.chat import (PYTHON_TAG, ChatFormat, ToolCall, chat_stop_ids, dialog_
                         encode_tool_dialog, parse_tool_call, refusal, tool_call_schema, tool_dialog_problem)
 from llama.engine import FINISH_CANCELLED, Request, SamplingParams, TokenEvent
 from llama.logits_processing import MAX_TOP_LOGPROBS, LogitsParams
-from llama.structured import ANY_JSON_OBJECT, GrammarError, choice_grammar, json_schema_grammar, regex_grammar
+from llama.structured import (ANY_JSON_OBJECT, GrammarError, choice_grammar, json_schema_grammar, regex_grammar,
+                              spells_any_text)
 from llama.serving import QueueFull, Scheduler, ServerStopping, TextStream
 from llama.tokenizer import Tokenizer
 
@@ -400,6 +401,10 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         if not asked:
             return None
         (name, value), = asked.items()
+        if not spells_any_text(tokenizer):
+            raise APIError(400, f"{name}: constrained decoding needs a vocabulary that can spell any text, and this "
+                           "model's sentencepiece tokenizer has no byte pieces (it was trained without byte "
+                           "fallback)", param=name)
         if name == "response_format":
             if value.type == "json_object":
                 name, value = "response_format", ANY_JSON_OBJECT

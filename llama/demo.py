@@ -26,7 +26,12 @@ from llama.tokenizer import Tokenizer
 TEXT_PATH = Path(__file__).parent / "data" / "gettysburg.txt"
 DEMO_PROMPTS = ["Four score and seven years ago", "The world will little note,"]
 DEMO_ARGS = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=512, max_batch_size=4)
-VOCAB_SIZE = 256
+# 256 byte pieces (sentencepiece's byte fallback, so any text can be spelled: JSON for
+# structured outputs) + 256 for the text's own characters and merges.
+VOCAB_SIZE = 512
+# Written into the Meta checkpoint's folder; a cached demo with another (or no) version is rebuilt.
+VERSION = "2: byte-fallback tokenizer"
+VERSION_FILE = "demo_version"
 TRAIN_STEPS = 300
 TRAIN_BATCH = 8
 TRAIN_WINDOW = 128
@@ -37,13 +42,16 @@ def cache_dir() -> Path:
     return Path(root) / "demo"
 
 
-def train_tokenizer(text: str) -> bytes:
+def train_tokenizer(text: str, vocab_size: int = VOCAB_SIZE, byte_fallback: bool = True) -> bytes:
+    """A BPE sentencepiece model of `text`; without byte fallback, characters it never saw
+    become <unk> (the tests' small fixture tokenizer is trained that way)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=model,
-                                   vocab_size=VOCAB_SIZE, model_type="bpe", character_coverage=1.0,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+                                   vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+                                   byte_fallback=byte_fallback, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
     return model.getvalue()
 
 
@@ -84,16 +92,27 @@ def build_meta_checkpoint(meta_dir: Path) -> None:
     args = ModelArgs(**DEMO_ARGS, vocab_size=tokenizer.n_words)
     tokens = tokenizer.encode(TEXT_PATH.read_text(), bos=True, eos=True)
     save_meta_checkpoint(train_model(tokens, args), args, staging)
+    (staging / VERSION_FILE).write_text(VERSION)
     staging.rename(meta_dir)
+
+
+def is_current(meta_dir: Path) -> bool:
+    """The demo's Meta checkpoint is there, built by this version of the code."""
+    marker = meta_dir / VERSION_FILE
+    return marker.is_file() and marker.read_text() == VERSION
 
 
 def ensure_demo_checkpoint(runtime: Runtime) -> Path:
     """Return the demo's converted checkpoint, building it first if the cache lacks it."""
     root = cache_dir()
     meta_dir, dcp_dir = root / "meta", root / "dcp"
-    if not (dcp_dir / ".metadata").is_file():
-        if runtime.is_main and not (meta_dir / "params.json").is_file():
+    # Every rank decides alone, so the conversion they then share must stay missing until they
+    # all have: rank 0 removes a stale demo's converted copy before anything else.
+    if not (is_current(meta_dir) and (dcp_dir / ".metadata").is_file()):
+        if runtime.is_main and not is_current(meta_dir):
             log(f"building the demo model in {root} (once; about a minute on a laptop CPU)")
+            shutil.rmtree(dcp_dir, ignore_errors=True)
+            shutil.rmtree(meta_dir, ignore_errors=True)
             build_meta_checkpoint(meta_dir)
         dist.barrier()
         ckpt = MetaCheckpoint(meta_dir, max_seq_len=DEMO_ARGS["max_seq_len"], max_batch_size=DEMO_ARGS["max_batch_size"])

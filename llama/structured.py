@@ -65,6 +65,17 @@ def _checked(text: str, kind: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
+def spells_any_text(tokenizer: Tokenizer) -> bool:
+    """Whether the vocabulary can write every byte: Llama 3's byte-level BPE can, a sentencepiece
+    model only with byte fallback (its 256 <0xNN> pieces). Without it a grammar can demand a
+    character no piece holds ("{" in a vocabulary of plain words), and the mask is then empty."""
+    if tokenizer.family == "llama3":
+        return True
+    sp = tokenizer._sp
+    return sum(sp.is_byte(i) for i in range(sp.vocab_size())) == 256
+
+
+@functools.lru_cache(maxsize=4)
 def grammar_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
     """llguidance's view of the vocabulary (built once per tokenizer: ~0.7 s for 128k tokens).
     The grammar's end is marked by EOS, which both chat and completion requests stop at."""

@@ -1,7 +1,7 @@
 """The OpenAI features applications use, served at TP=2 over real HTTP on 127.0.0.1 and read
 with the official openai client: structured outputs, tool calls, n, top logprobs, penalties
 and biases. One server (a tiny Llama 3 with random weights and Meta's real Llama 3 tokenizer)
-serves every test."""
+serves every test but the demo model's structured outputs."""
 
 from __future__ import annotations
 
@@ -100,6 +100,27 @@ def test_parse_with_pydantic_model_validates(client, server, seed):
     assert choice.finish_reason == "stop", choice.message.content
     assert isinstance(choice.message.parsed, Pet)
     assert choice.message.content == choice.message.parsed.model_dump_json()  # compact JSON, in field order
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_build):
+    """serve.py --demo at TP=2: the model that learned the Gettysburg Address, whose tokenizer
+    spells JSON's "{", quotes and digits only with its byte pieces."""
+    srv = Server(None, "--api_key", API_KEY, "--max_seq_len", "512", env={"TP_LLAMA_CACHE": str(demo_build[0])})
+    yield srv
+    _, err = srv.stop()
+    assert no_rank_traceback(err), err
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_parse_with_pydantic_model_validates_on_the_demo_model(demo_server, seed):
+    client = OpenAI(base_url=demo_server.url, api_key=API_KEY, max_retries=0, timeout=120)
+    completion = client.beta.chat.completions.parse(
+        model=demo_server.model, messages=[{"role": "user", "content": "Four score and seven years ago"}],
+        response_format=Pet, max_tokens=200, temperature=1.0, seed=seed)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, Pet)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -1,18 +1,20 @@
 """The logits transforms (penalties, bias, bitmask) against their definitions, and the
-grammar engine's masks on Llama 3's real vocabulary."""
+grammar engine's masks on Llama 3's real vocabulary and the demo's."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
 import torch
 
-from helpers import llama3_tokenizer_path
+from helpers import llama3_tokenizer_path, sentencepiece_32k_path
+from llama.demo import TEXT_PATH, train_tokenizer
 from llama.logits_processing import (LogitsInputs, LogitsParams, LogitsProcessor, apply_bitmask, penalize,
                                      unpack_bitmask)
-from llama.structured import GrammarError, Matcher, json_schema_grammar, regex_grammar
+from llama.structured import GrammarError, Matcher, json_schema_grammar, regex_grammar, spells_any_text
 from llama.tokenizer import Tokenizer
 
 VOCAB = 70  # not a multiple of 32: the bitmask's last word is partial
@@ -21,6 +23,14 @@ VOCAB = 70  # not a multiple of 32: the bitmask's last word is partial
 @pytest.fixture(scope="module")
 def llama3_tokenizer() -> Tokenizer:
     return Tokenizer(llama3_tokenizer_path())
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tmp_path_factory) -> Tokenizer:
+    """The demo's: 512 sentencepiece pieces, half of them bytes."""
+    path = tmp_path_factory.mktemp("demo_tokenizer") / "tokenizer.model"
+    path.write_bytes(train_tokenizer(TEXT_PATH.read_text()))
+    return Tokenizer(path)
 
 
 def process_logits(logits: torch.Tensor, inputs: LogitsInputs) -> torch.Tensor:
@@ -126,10 +136,11 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age", "kind", "tags"], "additionalProperties": False}
 
 
+@pytest.mark.parametrize("vocabulary", ["llama3", "demo"])
 @pytest.mark.parametrize("seed", range(3))
-def test_random_sampling_under_the_mask_gives_compact_schema_valid_json(llama3_tokenizer, seed):
+def test_random_sampling_under_the_mask_gives_compact_schema_valid_json(request, vocabulary, seed):
     """Whatever the logits, the grammar's mask admits only schema-valid compact JSON, which ends."""
-    tok = llama3_tokenizer
+    tok = request.getfixturevalue(f"{vocabulary}_tokenizer")
     processor = LogitsProcessor(slots=1, vocab=tok.n_words, device=torch.device("cpu"), tokenizer=tok)
     processor.admit(0, [1], frozenset({tok.eos_id}), LogitsParams(grammar=json_schema_grammar(SCHEMA)))
     g = torch.Generator().manual_seed(seed)
@@ -144,7 +155,8 @@ def test_random_sampling_under_the_mask_gives_compact_schema_valid_json(llama3_t
         pytest.fail(f"the grammar did not end: {tok.decode(tokens)!r}")
     text = tok.decode(tokens)
     jsonschema.validate(json.loads(text), SCHEMA)
-    assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+    # Compact: no whitespace outside strings (inside them the grammar may write escapes, "\u007f").
+    assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)), text
 
 
 def test_unsupported_schema_feature_is_named():
@@ -163,6 +175,15 @@ def test_sentencepiece_vocabulary(small_sp_tokenizer):
     matcher.fill_bitmask(bitmask, 0)
     allowed = unpack_bitmask(bitmask, tok.n_words)[0].nonzero().flatten().tolist()
     assert allowed and all("Four score".startswith(tok._sp.id_to_piece(t).replace("\u2581", " ")) for t in allowed)
+
+
+def test_which_vocabularies_spell_any_text(small_sp_tokenizer, demo_tokenizer, llama3_tokenizer):
+    """A grammar can demand any character; only a vocabulary that can write every byte obeys."""
+    assert spells_any_text(llama3_tokenizer) and spells_any_text(demo_tokenizer)
+    assert spells_any_text(Tokenizer(sentencepiece_32k_path()))  # Llama 2's kind: byte fallback
+    small = Tokenizer(small_sp_tokenizer)
+    assert not spells_any_text(small)
+    assert small._sp.unk_id() in small.encode("{", bos=False)  # what JSON begins with
 
 
 def test_compiled_step_does_not_recompile_per_request(llama3_tokenizer):

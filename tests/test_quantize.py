@@ -20,7 +20,6 @@ from llama import cpu_linear, quantize
 from llama.args import ModelArgs
 from llama.checkpoint import check_dcp_matches
 from llama.errors import UserError
-from llama.demo import build_meta_checkpoint, cache_dir
 
 # dim 128 and FFN 384 split into whole groups of 32 at TP = 4; 2 KV heads, so TP = 4 holds each
 # KV head on 2 ranks; 40 % 16 != 0 rows exercises the CPU int4 packing's padding.
@@ -146,15 +145,11 @@ def test_any_conversion_world_size_and_tp_degree(tmp_path, small_sp_tokenizer):
                 assert torch.equal(got["weights"][name], tensor), (scheme, n, k, name)
 
 
-def test_demo_quality_int8_and_int4(tmp_path):
-    """The demo model (built once into the demo cache, as generate.py --demo does) against its
-    own text, all computed in bfloat16: the reference is the demo's own float32 conversion."""
-    meta, reference = cache_dir() / "meta", cache_dir() / "dcp"
-    if not (meta / "params.json").is_file():
-        build_meta_checkpoint(meta)
-    if not (reference / ".metadata").is_file():
-        reference = tmp_path / "ref"
-        convert(meta, reference, 1)
+def test_demo_quality_int8_and_int4(tmp_path, demo_build):
+    """The demo model (built once into the tests' demo cache, as generate.py --demo does)
+    against its own text, all computed in bfloat16: the reference is the demo's own float32
+    conversion."""
+    meta, reference = demo_build[0] / "demo" / "meta", demo_build[0] / "demo" / "dcp"
     for name, flags in (("int8", ("--quantize", "int8")), ("int4", INT4)):
         convert(meta, tmp_path / name, 1, *flags)
     ppl = probe(tmp_path / "ppl.pt", "bfloat16", reference, tmp_path / "int8", tmp_path / "int4",

@@ -37,11 +37,14 @@ PROMPTS = ["Four score and seven", "We are met", "It is for us the living, rathe
 class Server:
     """A serve.py job under torchrun, listening on a free port."""
 
-    def __init__(self, ckpt: Path, *extra: str, nproc: int = 2) -> None:
+    def __init__(self, ckpt: Path | None, *extra: str, nproc: int = 2, env: dict[str, str] | None = None) -> None:
+        """Serves `ckpt`, or the demo (--demo) when it is None."""
+        source = ["--converted_ckpt_dir", str(ckpt)] if ckpt else ["--demo"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(REPO / "serve.py"), "--converted_ckpt_dir", str(ckpt), "--dtype", "float32", "--port", "0",
+               str(REPO / "serve.py"), *source, "--dtype", "float32", "--port", "0",
                "--max_batch_size", str(SLOTS), "--max_queue", str(QUEUE), "--max_seq_len", "128", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+               **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      cwd=REPO, start_new_session=True)
         self.lines: list[str] = []
@@ -344,6 +347,16 @@ def test_llama2_has_no_tool_format(client, server):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}], tools=[tool])
     assert info.value.body["param"] == "tools" and "Llama 2 has no tool-call format" in info.value.body["message"]
+
+
+def test_constrained_decoding_needs_a_vocabulary_that_spells_any_text(client, server):
+    """This tokenizer has no byte pieces: JSON's "{" is not in it, so a grammar would leave no
+    token to sample. The request is refused, naming the field, rather than answered in free text."""
+    for kwargs, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"extra_body": {"guided_regex": "[0-9]+"}}, "guided_regex")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}], **kwargs)
+        assert info.value.body["param"] == param and "no byte pieces" in info.value.body["message"]
 
 
 def exchange(server, request: bytes) -> bytes:
