@@ -106,8 +106,8 @@ def ensure_demo_checkpoint(runtime: Runtime) -> Path:
     """Return the demo's converted checkpoint, building it first if the cache lacks it."""
     root = cache_dir()
     meta_dir, dcp_dir = root / "meta", root / "dcp"
-    # Every rank decides alone, so the conversion they then share must stay missing until they
-    # all have: rank 0 removes a stale demo's converted copy before anything else.
+    # Each rank decides for itself. Rank 0 deletes a stale demo's conversion before rebuilding, so
+    # no rank can find one and skip the collective conversion that the others wait in.
     if not (is_current(meta_dir) and (dcp_dir / ".metadata").is_file()):
         if runtime.is_main and not is_current(meta_dir):
             log(f"building the demo model in {root} (once; about a minute on a laptop CPU)")
