@@ -287,19 +287,22 @@ def test_disconnect_frees_the_slot_while_others_stream_and_a_full_queue_gets_503
 
     # Fill the server (SLOTS running, QUEUE waiting: long answers that ignore the end token and
     # cannot all fit the pool), then one more arrives: a 503. The server is seen full before
-    # the extra request is sent, so a fast host cannot finish the others first.
+    # the extra request is sent, so a fast host cannot finish the others first; one that ends
+    # before the server is full (a loaded host delays the last senders) is replaced.
     long_request = {"model": server.model, "prompt": PROMPTS[5], "max_tokens": 100, "temperature": 0,
                     "ignore_eos": True}
-    with concurrent.futures.ThreadPoolExecutor(SLOTS + QUEUE) as pool:
-        answers = [pool.submit(raw, server, "POST", "/v1/completions", json=long_request)
-                   for _ in range(SLOTS + QUEUE)]
+    with concurrent.futures.ThreadPoolExecutor(4 * (SLOTS + QUEUE)) as pool:
+        answers: list[concurrent.futures.Future] = []
         deadline = time.monotonic() + 30
         while sum(raw(server, "GET", "/health").json()[k] for k in ("running", "waiting")) < SLOTS + QUEUE:
-            assert time.monotonic() < deadline and not any(a.done() for a in answers), "the server never filled"
+            assert time.monotonic() < deadline and len(answers) < 4 * (SLOTS + QUEUE), "the server never filled"
+            in_flight = sum(not a.done() for a in answers)
+            answers += [pool.submit(raw, server, "POST", "/v1/completions", json=long_request)
+                        for _ in range(SLOTS + QUEUE - in_flight)]
             time.sleep(0.01)  # rank 0's HTTP thread shares the GIL with its engine loop
         extra = raw(server, "POST", "/v1/completions", json=long_request)
         assert extra.status_code == 503 and extra.headers["Retry-After"], extra.text
-        assert [a.result().status_code for a in answers] == [200] * (SLOTS + QUEUE)
+        assert [a.result().status_code for a in answers] == [200] * len(answers)
     assert wait_idle(server)["running"] == 0
 
 
