@@ -184,9 +184,9 @@ def main() -> None:
     engine = Engine(model, config, tokenizer)
     seconds = warm_up(engine)
     peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(runtime.device) / 2**30:.2f} GiB (the longest "
-            "prompt's prefill included)" if runtime.device.type == "cuda" else "")
-    log(f"warm-up{' (compiling the decode step)' if args.compile else ''}, a {longest_prompt(engine)}-token "
-        f"prompt included: {seconds:.1f} s{peak}")
+            "prompt's last chunk included)" if runtime.device.type == "cuda" else "")
+    log(f"warm-up{' (compiling the decode step)' if args.compile else ''}, the last chunk of a "
+        f"{longest_prompt(engine)}-token prompt included: {seconds:.1f} s{peak}")
     sock = bind(args.host, args.port, runtime)
     scheduler = server = None
     if runtime.is_main:

@@ -299,23 +299,21 @@ def longest_prompt(engine: Engine) -> int:
 def warm_up(engine: Engine) -> float:
     """Run greedy and sampled requests, with and without logits processing, through the
     engine before serving, so that the first client does not pay for compilation (and CUDA
-    graph capture) of any step variant; and then the longest prompt the server accepts, so that
-    a prefill too large for the device's memory fails here, at start, rather than on a client's
-    request (taking every rank down). Returns the seconds it took."""
+    graph capture) of any step variant; and then the last chunk of the longest prompt the
+    server accepts, so that a prefill too large for the device's memory fails here, at start,
+    rather than on a client's request (taking every rank down). Returns the seconds it took."""
     start = time.perf_counter()
     greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.9, seed=0)
     processed = LogitsParams(top_logprobs=1)  # a grammar would take the same variant
-    longest = [0] * longest_prompt(engine)
     tokenizer = engine.sampler.processor.tokenizer
     if tokenizer is not None:  # the grammar engine's view of the vocabulary (1 s for Llama 3's)
         grammar_tokenizer(tokenizer)
     # One after the other: a step with any sampled row runs the sampled variant for all rows,
     # and one with any row asking for logits processing (penalties, grammars...) that variant.
     for i, (sampling, logits) in enumerate([(greedy, LogitsParams()), (sampled, LogitsParams()),
-                                            (greedy, processed), (sampled, processed), (greedy, LogitsParams())]):
-        prompt = longest if i == 4 else [0]
-        request = Request(-1 - i, prompt, 1 if i == 4 else 3, frozenset(), sampling, logits)
-        engine.submit(request)
+                                            (greedy, processed), (sampled, processed)]):
+        engine.submit(Request(-1 - i, [0], 3, frozenset(), sampling, logits))
         while engine.busy:
             engine.step()
+    engine.prefill_last_chunk([0] * longest_prompt(engine))
     return time.perf_counter() - start

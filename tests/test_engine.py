@@ -261,19 +261,24 @@ def test_warm_up_runs_every_sampling_variant(model):
     """serve.py's warm-up must compile the greedy and the sampled step, each with and without
     logits processing: a step with any sampled row runs the sampled variant, so warming both
     up at once left the greedy one to the first client (15 s on a GPU)."""
-    engine = Engine(model, EngineConfig(max_num_seqs=2))
+    engine = Engine(model, EngineConfig(max_num_seqs=2, prefill_chunk=8))
     variants = []
     pick = engine.sampler._sample_rows
     engine.sampler._sample_rows = lambda rows: lambda *inputs: (variants.append((inputs[-2], inputs[-1] is not None))
                                                                 or pick(rows)(*inputs))
-    submitted = []
-    submit = engine.submit
-    engine.submit = lambda request: submitted.append(len(request.prompt)) or submit(request)
+    chunks = []
+    prefill = engine.runner.prefill
+    engine.runner.prefill = lambda todo, *rest: chunks.extend((seq.num_computed, n) for seq, n in todo) or \
+        prefill(todo, *rest)
     warm_up(engine)
     assert set(variants) == {(False, False), (True, False), (False, True), (True, True)}
-    # and the longest prompt the server accepts, so that its prefill runs out of memory at start if
-    # it must, rather than on a client's request
-    assert max(submitted) == min(engine.max_seq_len, engine.capacity_tokens) - 1
+    # and the last chunk of the longest prompt the server accepts (the most memory a prefill
+    # needs: its attention reads the whole context), so that it runs out of memory at start if it
+    # must, rather than on a client's request; only that chunk: the whole prompt would take long
+    longest = min(engine.max_seq_len, engine.capacity_tokens) - 1
+    assert max(start + n for start, n in chunks) == longest
+    assert sum(n for start, n in chunks) < 16
+    assert_pool_empty(engine)
 
 
 def test_compiled_steps_keep_to_their_model_and_shape(model):

@@ -116,6 +116,23 @@ class Engine:
         self._finish(seq)
         return TokenEvent(request_id, None, None, FINISH_CANCELLED)
 
+    def prefill_last_chunk(self, prompt: list[int]) -> None:
+        """Compute only the last prefill chunk of `prompt`, its earlier tokens taken as computed
+        (their cache entries are whatever the pool holds): the step that needs the most memory
+        for a prompt this long, whose attention reads its whole context, in one chunk's time
+        (computing every chunk takes time that grows with the prompt's square: half an hour for
+        65,535 tokens of a 1B model on one CPU core). For a warm-up: the engine must be idle."""
+        self.check(prompt)
+        seq = Sequence(Request(-1, prompt, 1, frozenset(), SamplingParams(temperature=0.0)), torch.Generator())
+        n = min(len(prompt), self.scheduler.prefill_chunk)
+        if not self.blocks.grow(seq, len(prompt)):
+            raise RuntimeError("prefill_last_chunk needs an idle engine")
+        seq.num_computed = len(prompt) - n
+        try:
+            self.runner.prefill([(seq, n)], [seq])
+        finally:
+            self.blocks.release(seq)
+
     def step(self) -> list[TokenEvent]:
         """Schedule, compute and sample one step; the events of the requests it advanced or ended."""
         plan = self.scheduler.schedule()
