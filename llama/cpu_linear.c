@@ -689,70 +689,105 @@ INT4_KERNEL(4, 1)
  * groups' scales as above, a lane's own picked by one permutation (vpermps). A last block of 64
  * columns (K % 128 = 64) is read with a mask. The same integer sums as AVX2's, the float ones in
  * another order: the outputs differ from AVX2's by float32 rounding. */
+/* One block: 128 columns (a cache line of each weight row, at byte offset c) into sum[r][m]. */
+#define INT4_BLOCK512(M, R, wr, c, xp, K, sum)                                                          \
+    do {                                                                                                \
+        __m512i hi_[R], lo_[R];                                                                         \
+        for (int r = 0; r < R; r++) {                                                                   \
+            __m512i bytes = _mm512_loadu_si512((wr)[r] + (c));                                          \
+            __asm__("" : "+v"(bytes)); /* one load, not one per use */                                  \
+            __builtin_prefetch((wr)[r] + (c) + ahead, 0, 2); /* into L2: see above */                   \
+            hi_[r] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);                             \
+            lo_[r] = _mm512_and_si512(bytes, nibble);                                                   \
+        }                                                                                               \
+        for (int m = 0; m < M; m++) {                                                                   \
+            __m512i even = _mm512_loadu_si512((xp) + m * (K) + 2 * (c));                                \
+            __m512i odd = _mm512_loadu_si512((xp) + m * (K) + 2 * (c) + 64);                            \
+            for (int r = 0; r < R; r++)                                                                 \
+                sum[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][m], hi_[r], even), lo_[r], odd); \
+        }                                                                                               \
+    } while (0)
+
 #define INT4_KERNEL512(M, R)                                                                            \
     TARGET_AVX512_VNNI static void int4_rows512_##M(const int8_t *x, const float *xscale, const float *xsum, \
                                                     int64_t K, int64_t G, const uint8_t *w, int64_t ldw,    \
                                                     const void *so, int sbf16, float *y, int64_t ldy,       \
                                                     int64_t n0, int64_t n1) {                               \
-        int64_t U = G < 128 ? 128 : G, groups = K / G, P = (groups + 7) / 8 * 8;                         \
+        int64_t groups = K / G, P = (groups + 7) / 8 * 8, per = G / 128; /* blocks a group */            \
         int64_t S = stream_rows(ldw, n1 - n0, R), p = 0, ahead = R * S * ldw;                           \
         const __m512i nibble = _mm512_set1_epi8(15);                                                    \
         const __m512i first = G == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)    \
-                            : G == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)    \
-                                      : _mm512_setzero_si512();                                         \
-        const __m512i step = _mm512_set1_epi32(G < 128 ? (int)(128 / G) : 1);                           \
+                                      : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);   \
+        const __m512i step = _mm512_set1_epi32(G < 128 ? (int)(128 / G) : 0);                           \
         for (int64_t n = n0; n < n1; n += R, p++) {                                                     \
             int rows = n + R <= n1 ? R : (int)(n1 - n);                                                  \
             int64_t row[R];                                                                             \
-            const uint8_t *wp[R];                                                                       \
+            const uint8_t *wr[R];                                                                      \
             for (int r = 0; r < R; r++) {                                                               \
                 row[r] = pass_row(n0, p, R, S) + (r < rows ? r : 0) * S;                                \
-                wp[r] = w + row[r] * ldw;                                                               \
+                wr[r] = w + row[r] * ldw;                                                               \
             }                                                                                           \
-            const int8_t *xp = x;                                                                       \
             __m512 acc[R][M];                                                                           \
             v8f offsets[R][M];                                                                          \
             for (int r = 0; r < R; r++)                                                                 \
                 for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps(), offsets[r][m] = (v8f){0};  \
             for (int64_t g0 = 0; g0 < groups; g0 += 8) {                                                \
                 int count = groups - g0 < 8 ? (int)(groups - g0) : 8;                                   \
-                __m512 scale[R][M];                                                                     \
+                float scale[R][M][8] __attribute__((aligned(32)));                                      \
                 for (int r = 0; r < R; r++) {                                                           \
                     v8f s, z;                                                                           \
                     scale_pairs8(so, (row[r] * groups + g0) * 2, count, sbf16, &s, &z);                  \
                     for (int m = 0; m < M; m++) {                                                       \
-                        scale[r][m] = _mm512_zextps256_ps512((__m256)(s * load_f32(xscale + m * P + g0))); \
+                        v8f both = s * load_f32(xscale + m * P + g0);                                   \
+                        memcpy(scale[r][m], &both, sizeof both);                                        \
                         offsets[r][m] += (z - 8 * s) * load_f32(xsum + m * P + g0);                     \
                     }                                                                                   \
                 }                                                                                       \
-                __m512i lanes = first;                                                                  \
-                for (int64_t c = 0, cols = count * G; c < cols; c += U, lanes = _mm512_add_epi32(lanes, step)) { \
-                    __m512i sum[R][M];                                                                  \
-                    for (int r = 0; r < R; r++)                                                         \
-                        for (int m = 0; m < M; m++) sum[r][m] = _mm512_setzero_si512();                 \
-                    for (int64_t b = c; b < c + U && b < cols; b += 128) {                              \
-                        int64_t half = cols - b < 128 ? 32 : 64; /* bytes of each row; the odd activations' offset */ \
-                        __mmask64 mask = half == 64 ? ~(__mmask64)0 : (__mmask64)0xffffffffu;           \
-                        __m512i hi[R], lo[R];                                                           \
-                        for (int r = 0; r < R; r++) {                                                   \
-                            __m512i bytes = _mm512_maskz_loadu_epi8(mask, wp[r]);                       \
-                            __builtin_prefetch(wp[r] + ahead, 0, 0);                                    \
-                            hi[r] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);              \
-                            lo[r] = _mm512_and_si512(bytes, nibble);                                    \
-                            wp[r] += half;                                                              \
-                        }                                                                               \
-                        for (int m = 0; m < M; m++) {                                                   \
-                            __m512i even = _mm512_maskz_loadu_epi8(mask, xp + m * K);                   \
-                            __m512i odd = _mm512_maskz_loadu_epi8(mask, xp + m * K + half);             \
-                            for (int r = 0; r < R; r++)                                                 \
-                                sum[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][m], hi[r], even), lo[r], odd); \
-                        }                                                                               \
-                        xp += 2 * half;                                                                 \
+                int64_t c = g0 * G / 2, end = (g0 + count) * G / 2; /* bytes of each row */             \
+                if (G >= 128) { /* a group's blocks, then their sums to float: a scale broadcast */     \
+                    for (int j = 0; j < count; j++) {                                                   \
+                        __m512i sum[R][M];                                                              \
+                        for (int r = 0; r < R; r++)                                                     \
+                            for (int m = 0; m < M; m++) sum[r][m] = _mm512_setzero_si512();             \
+                        for (int64_t i = 0; i < per; i++, c += 64) INT4_BLOCK512(M, R, wr, c, x, K, sum); \
+                        for (int r = 0; r < R; r++)                                                     \
+                            for (int m = 0; m < M; m++)                                                 \
+                                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][m]),              \
+                                                            _mm512_set1_ps(scale[r][m][j]), acc[r][m]); \
                     }                                                                                   \
+                } else { /* a block's groups: a lane's scale picked by one permutation */               \
+                    __m512 scales[R][M];                                                                \
                     for (int r = 0; r < R; r++)                                                         \
-                        for (int m = 0; m < M; m++)                                                     \
-                            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][m]),                  \
-                                                        _mm512_permutexvar_ps(lanes, scale[r][m]), acc[r][m]); \
+                        for (int m = 0; m < M; m++) scales[r][m] = _mm512_castps256_ps512(_mm256_load_ps(scale[r][m])); \
+                    __m512i lanes = first;                                                              \
+                    for (; c + 64 <= end; c += 64, lanes = _mm512_add_epi32(lanes, step)) {             \
+                        __m512i sum[R][M];                                                              \
+                        for (int r = 0; r < R; r++)                                                     \
+                            for (int m = 0; m < M; m++) sum[r][m] = _mm512_setzero_si512();             \
+                        INT4_BLOCK512(M, R, wr, c, x, K, sum);                                          \
+                        for (int r = 0; r < R; r++)                                                     \
+                            for (int m = 0; m < M; m++)                                                 \
+                                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][m]),              \
+                                                            _mm512_permutexvar_ps(lanes, scales[r][m]), acc[r][m]); \
+                    }                                                                                   \
+                    if (c < end) { /* the last 64 columns (K % 128 = 64), read with a mask */           \
+                        const __mmask64 mask = 0xffffffffu;                                             \
+                        __m512i sum[R][M];                                                              \
+                        for (int r = 0; r < R; r++) {                                                   \
+                            __m512i bytes = _mm512_maskz_loadu_epi8(mask, wr[r] + c);                   \
+                            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);         \
+                            __m512i lo = _mm512_and_si512(bytes, nibble);                               \
+                            for (int m = 0; m < M; m++) {                                               \
+                                __m512i even = _mm512_maskz_loadu_epi8(mask, x + m * K + 2 * c);        \
+                                __m512i odd = _mm512_maskz_loadu_epi8(mask, x + m * K + 2 * c + 32);    \
+                                sum[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, even), lo, odd); \
+                            }                                                                           \
+                        }                                                                               \
+                        for (int r = 0; r < R; r++)                                                     \
+                            for (int m = 0; m < M; m++)                                                 \
+                                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][m]),              \
+                                                            _mm512_permutexvar_ps(lanes, scales[r][m]), acc[r][m]); \
+                    }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
             for (int r = 0; r < rows; r++)                                                              \
@@ -761,7 +796,7 @@ INT4_KERNEL(4, 1)
     }
 
 INT4_KERNEL512(1, 4)
-INT4_KERNEL512(2, 2)
+INT4_KERNEL512(2, 4)
 INT4_KERNEL512(3, 1)
 INT4_KERNEL512(4, 1)
 
@@ -832,6 +867,15 @@ static void round_to_int8(const float *x, int64_t K, float inverse_scale, int8_t
     }
 }
 
+/* The sum of n (a multiple of 16) 8-bit integers: of each plus 128 (vpsadbw's unsigned bytes), less 128 n. */
+static inline int32_t sum_int8(const int8_t *p, int64_t n) {
+    const __m128i bias = _mm_set1_epi8((char)0x80), zero = _mm_setzero_si128();
+    __m128i total = zero;
+    for (int64_t i = 0; i < n; i += 16)
+        total = _mm_add_epi64(total, _mm_sad_epu8(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(p + i)), bias), zero));
+    return (int32_t)(_mm_cvtsi128_si64(total) + _mm_extract_epi64(total, 1) - 128 * n);
+}
+
 /* int8: row m of x as 16-bit integers, one scale per block of 32 columns, in int8_order's order,
  * and the scales that each unit's 8 lanes meet (lane j: block j % nb's), U units a row. */
 static void int8_activations(const void *x, int64_t m, int64_t K, int bf16, int64_t U, float *row, int16_t *xq,
@@ -872,7 +916,12 @@ static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int6
     }
     int8_t *q = xq + m * K;
     float *reordered = row + K; /* the next row's space (quantized_linear keeps one to spare) */
-    for (int64_t k = 0; k < K; k++) reordered[(k & ~(int64_t)63) + (k & 1) * 32 + (k & 63) / 2] = row[k];
+    for (int64_t k = 0; k < K; k += 16) { /* columns k..k+15: 8 even ones, 8 odd ones */
+        __m256 a = _mm256_loadu_ps(row + k), b = _mm256_loadu_ps(row + k + 8); /* the shuffles: quarters 0 2 1 3 */
+        float *even = reordered + (k & ~(int64_t)63) + (k & 63) / 2;
+        _mm256_storeu_ps(even, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8)));
+        _mm256_storeu_ps(even + 32, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8)));
+    }
     round_to_int8(reordered, K, 1, q);
     /* The groups' sums of the rounded activations, so that the offsets multiply the same
      * activations as the nibbles (with the exact sums, the error of the rounding grows with the
@@ -880,12 +929,12 @@ static void int4_activations(const void *x, int64_t m, int64_t K, int bf16, int6
      * groups do not depend on the order; at G = 32, each 64 columns' first group is its 16 first
      * even and 16 first odd columns. */
     for (int64_t g = 0; g < groups; g++) {
-        int32_t total = 0;
+        int32_t total;
         if (G == 32) {
             const int8_t *unit = q + g / 2 * 64 + g % 2 * 16;
-            for (int64_t i = 0; i < 16; i++) total += unit[i] + unit[32 + i];
+            total = sum_int8(unit, 16) + sum_int8(unit + 32, 16);
         } else {
-            for (int64_t i = 0; i < G; i++) total += q[g * G + i];
+            total = sum_int8(q + g * G, G);
         }
         xsum[m * P + g] = total * xscale[m * P + g];
     }
@@ -900,13 +949,14 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
     if (isa >= (int)(sizeof INT8_ROWS / sizeof INT8_ROWS[0])) return -2;
     int64_t P = group ? (K / group + 7) / 8 * 8 : 0; /* int4's groups, in whole vectors */
     int64_t U = group ? 0 : K / 256 + __builtin_popcountll((unsigned long long)(K / 32 % 8)); /* int8's units */
-    size_t bytes = (size_t)(2 * M * P + 8 * M * U + M * (K + N) + K) * sizeof(float) +
-                   (size_t)(M * K) * sizeof(int16_t);
-    char *buffer = aligned_alloc(sizeof(v8f), (bytes + sizeof(v8f) - 1) / sizeof(v8f) * sizeof(v8f));
+    /* the integer activations start a cache line (a vector load of them is one line, not two) */
+    size_t floats = ((size_t)(2 * M * P + 8 * M * U + M * (K + N) + K) * sizeof(float) + 63) / 64 * 64;
+    size_t bytes = floats + (size_t)(M * K) * sizeof(int16_t);
+    char *buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!buffer) return -1;
     float *xscale = (float *)buffer, *xsum = xscale + M * P, *lanes = xsum + M * P;
     float *x32 = lanes + 8 * M * U, *y32 = x32 + (M + 1) * K; /* x32: a row to spare */
-    void *xq = y32 + M * N;
+    void *xq = buffer + floats;
     for (int64_t m = 0; m < M; m++) {
         if (group) {
             int4_activations(x, m, K, bf16, group, x32 + m * K, xq, xscale, xsum);
