@@ -517,7 +517,8 @@ INT8_KERNEL(4, 2)
  * vpdpwssd (2 instructions per 32 weights, where AVX2 takes 6). Lane j of a sum holds columns 2j
  * and 2j + 1 of each 32, lane j + 8 those of its last 16: adding the two (exact integers) gives
  * AVX2's lane j, the same block's, so the same integers meet the same scales in the same float
- * operations, and the outputs are AVX2's bit for bit. */
+ * operations, and the outputs are AVX2's bit for bit. Weights are prefetched into L2, as in the
+ * bf16 kernel (with it, a llama3.2-1b int8 decode step 74-78 -> 60-63 ms, one thread, Zen 4). */
 #define INT8_KERNEL512(M, R)                                                                            \
     TARGET_AVX512_VNNI static void int8_rows512_##M(const int16_t *x, const float *lanes, int64_t U, int64_t K, \
                                                     const int8_t *w, int64_t ldw, const void *scale, int sbf16, \
@@ -540,7 +541,7 @@ INT8_KERNEL(4, 2)
                     __m512i wv[R];                                                                      \
                     for (int r = 0; r < R; r++) {                                                       \
                         wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr[r] + k))); \
-                        if (k % 64 == 0) __builtin_prefetch(wr[r] + R * S * ldw + k, 0, 0);             \
+                        if (k % 64 == 0) __builtin_prefetch(wr[r] + R * S * ldw + k, 0, 2); /* L2 */     \
                     }                                                                                   \
                     for (int m = 0; m < M; m++) {                                                       \
                         __m512i xm = _mm512_loadu_si512(x + m * K + k);                                 \
