@@ -3,10 +3,10 @@
 Each step the scheduler picks the work (decode every running sequence, prefill up to a chunk
 of prompt tokens), the model runner computes it over the paged KV cache in one forward, the
 sampler picks the new tokens, and the engine turns them into events, ending requests at a stop
-id, their length limit or a cancellation and releasing their blocks. Every rank runs the same engine on the same
-requests and cancellations in the same order, so all take the same steps. generate() below,
-the chat, the benchmark and the server all drive this engine; they differ only in where the
-requests come from and what they do with the events.
+id, their length limit or a cancellation and releasing their blocks. Every rank runs the same
+engine on the same requests and cancellations in the same order, so all take the same steps.
+generate() below, the chat, the benchmark and the server all drive this engine; they differ
+only in where the requests come from and what they do with the events.
 """
 
 from __future__ import annotations
