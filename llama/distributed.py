@@ -355,16 +355,29 @@ class JobWatch:
     def _lost(self, member: _Member, now: float, silence: float, store_ok: bool) -> str | None:
         """Why `member` counts as lost, or None while it may be alive or has ended properly."""
         state = self._states.get(member.rank)
+        local = member.machine == self._me.machine
+        gone = local and state not in (*_ENDED, LAUNCHER_LOST) and not _process_alive(member.pid)
+        if gone and store_ok:
+            # A rank stores its final state before it ends, but the states read above may be
+            # older than that: a rank that finished (or saw its launcher end) since is not lost.
+            state = self._refetch_state(member.rank)
         if state == LAUNCHER_LOST:
             return f"its launcher on {member.host} ended"
         if state in _ENDED:
             return None
-        if member.machine == self._me.machine:
-            return None if _process_alive(member.pid) else f"process {member.pid} on {member.host} ended"
+        if local:
+            return f"process {member.pid} on {member.host} ended" if gone else None
         quiet = now - self._heartbeats.get(member.rank, ("", now))[1]
         if quiet < silence or not store_ok:  # without the store no heartbeat is seen: that is reported instead
             return None
         return f"no sign of life from {member.host} for {quiet:.0f} s"
+
+    def _refetch_state(self, rank: int) -> str | None:
+        try:
+            self._states[rank] = self._fetch_states([rank])[rank]
+        except dist.DistError:
+            return None
+        return self._states[rank]
 
     def _end(self, line: str | None, code: int = 1, state: str = STOPPED, survivors_exclude: set[int] | None = None,
              same_machine_only: bool = False) -> NoReturn:

@@ -11,12 +11,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from torch import distributed as dist
 
 from helpers import LLAMA3_TINY, Launchers, alive, children, make_meta_checkpoint, run_script
+from llama.distributed import JobWatch
 
 LOST_RANK_BOUND_S = 60
 # Every job here must end long before this, or the test fails.
@@ -158,3 +161,30 @@ def test_killed_launcher_ends_the_other_node(two_node_ckpt):
                          r"stopping the job", lines[0]), lines
         assert job.error_lines(second) == [
             f"error (rank 1): its launcher (pid {job.procs[second].pid}) ended; this rank stops too"]
+
+
+WATCHED_RANK = """
+import sys
+from llama.distributed import DONE, JobWatch
+watch = JobWatch(1, 2, "127.0.0.1", int(sys.argv[1]))
+if sys.stdin.read() == "done":
+    watch.leave(DONE)
+"""
+
+
+@pytest.mark.parametrize("ends", ["done", "without a word"])
+def test_a_rank_ending_after_the_watch_last_looked(ends):
+    """The watch reads the ranks' states, then looks whether their processes live: a rank that
+    finished in between (its final state stored, then its process gone) is not lost; one that
+    ended without a final state is."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    rank1 = subprocess.Popen([sys.executable, "-c", WATCHED_RANK, str(store.port)], stdin=subprocess.PIPE,
+                             cwd=Path(__file__).resolve().parent.parent)
+    watch = JobWatch(0, 2, "127.0.0.1", store.port)  # waits for rank 1 to register
+    watch._read_peers(time.monotonic())  # the last look: rank 1 is running
+    rank1.communicate(ends.encode(), timeout=60)
+    lost = watch._lost(watch._members[1], time.monotonic(), 1.0, store_ok=True)
+    if ends == "done":
+        assert lost is None
+    else:
+        assert lost == f"process {rank1.pid} on {socket.gethostname()} ended"
