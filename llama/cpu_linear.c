@@ -201,6 +201,16 @@ static const bf16_rows_fn BF16_ROWS[][7] = {
 
 /* Output features per unit of work: whole cache lines of output, a few hundred KiB of weight. */
 #define BLOCK_ROWS 64
+/* SCHEDULE: the products share out their blocks of rows `guided`: each thread first takes a long
+ * run of consecutive blocks, then shorter ones, down to one block, so that its weights are one
+ * stream that its prefetches run ahead of, while a thread the OS puts aside (another process
+ * wanting the core) still delays only a short run at the end. Taken one block at a time
+ * (`dynamic, 1`, as before), the threads alternated, and each prefetched the next block, the
+ * other thread's, into its own L2. Measured on the AMD EPYC (Zen 4, 2 threads; the products of a
+ * llama3.2-1b decode step, streamed from memory, the two builds alternating in one process):
+ * int4 28.5-29.9 -> 38.7-41.6 GB/s at 1 activation row, 20.0 -> 22.5 at 4; int8 0.90-0.94x the
+ * time; bf16 0.97-0.98x; with the other core busy no slower (bf16 0.72x, int4 0.96x, wide
+ * spreads). */
 
 /* y (M x N) = x (M x K) @ w (N x K, row stride ldw).T, all bfloat16, with the kernels of `isa`
  * (ISA_AVX512: avx512_bf16, which the caller has checked). Returns 0, or -1 if out of memory for
@@ -214,10 +224,9 @@ int bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int6
         if (!x32) return -1;
         for (int64_t i = 0; i < M * K; i++) x32[i] = bf16_to_f32(x[i]);
     }
-    /* Blocks of output features taken one at a time by whichever thread is free: a thread the
-     * OS puts aside (another process wanting the core) delays one block, not a fixed share. */
+    /* Blocks of output features in runs (SCHEDULE), each thread's weights one stream. */
     int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel for schedule(guided) num_threads(threads) /* SCHEDULE */
     for (int64_t b = 0; b < blocks; b++) {
         int64_t n0 = b * BLOCK_ROWS, n1 = n0 + BLOCK_ROWS < N ? n0 + BLOCK_ROWS : N;
         /* Up to 6 rows of activations in one pass over the weight; 7 and 8 in two (measured:
@@ -1007,7 +1016,7 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
         }
     }
     int64_t work = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel for schedule(guided) num_threads(threads) /* SCHEDULE */
     for (int64_t b = 0; b < work; b++) {
         int64_t n0 = b * BLOCK_ROWS, n1 = n0 + BLOCK_ROWS < N ? n0 + BLOCK_ROWS : N;
         for (int64_t m = 0, rows; m < M; m += rows) {

@@ -1,0 +1,109 @@
+"""cpu_linear.c as it is here (B) against another git revision's (A), in one process: the products
+of a decode step (every linear layer of a model's shape, fused as the kernels get them: wqkv, wo,
+w13, w2 per layer, then the output), their weights streamed from memory, the two builds
+alternating step by step. Wall time with --threads threads; medians of each side's GB/s and of
+the per-pair ratios (B's time / A's), with their quartiles (the noise). The memory read ceiling
+(cpu_linear.read_memory) of the same bytes is printed beside them: on a shared host it moves
+from minute to minute, which is why only the ratio of one run counts.
+
+    python3 tools/cpu_kernels_revisions_ab.py --baseline main --quantize int4 [--rows 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as python3 tools/...
+
+from llama import benchmarking as bench  # noqa: E402
+from llama import cpu_linear  # noqa: E402
+
+
+def layer_shapes(shape: str) -> list[tuple[int, int]]:
+    """(out, in) of each product of a decode step, in order."""
+    args = bench.random_model_args(shape, None, 1, "bfloat16")
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    layer = [(q + 2 * kv, args.dim), (args.dim, q), (2 * args.ffn_hidden_dim, args.dim), (args.dim, args.ffn_hidden_dim)]
+    return layer * args.n_layers + [(args.vocab_size, args.dim)]
+
+
+def product(fmt: str, n: int, k: int, rows: int, group: int, threads: int) -> tuple[Callable[[ctypes.CDLL], int], int]:
+    """A call of either build's kernel on random operands of this shape, and the weight's bytes."""
+    x, y = torch.randn(rows, k, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
+    isa = cpu_linear._bf16_isa() if fmt == "bf16" else cpu_linear._quantized_isa()
+    if fmt == "bf16":
+        w = torch.randn(n, k, dtype=torch.bfloat16)
+        return (lambda lib: lib.bf16_linear(x.data_ptr(), rows, k, w.data_ptr(), k, n, y.data_ptr(), threads, isa),
+                w.numel() * 2)
+    if fmt == "int8":
+        w, s = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.full((n,), 1e-3, dtype=torch.bfloat16)
+    else:
+        w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+        s = torch.full((n, k // group, 2), 1e-3, dtype=torch.bfloat16)
+    group = group if fmt == "int4" else 0
+    return (lambda lib: lib.quantized_linear(x.data_ptr(), rows, k, 1, w.data_ptr(), w.stride(0), s.data_ptr(), 1,
+                                             group, n, y.data_ptr(), threads, isa),
+            w.numel() + s.numel() * 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", default="HEAD", help="the git revision whose llama/cpu_linear.c is A")
+    p.add_argument("--quantize", default="int4", choices=["bf16", "int8", "int4"])
+    p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--shape", default="llama3.2-1b", choices=sorted(bench.SHAPES))
+    p.add_argument("--rows", type=int, default=1, help="activation rows (the decode batch)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:llama/cpu_linear.c"],
+                            capture_output=True, check=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = Path(tmp) / "cpu_linear.c"
+        baseline.write_bytes(source)
+        libs = (cpu_linear.load_library(baseline), cpu_linear._library())
+    if None in libs:
+        sys.exit("cpu_linear.c did not build here")
+    calls, nbytes = zip(*(product(args.quantize, n, k, args.rows, args.group_size, args.threads)
+                          for n, k in layer_shapes(args.shape)))
+    total = sum(nbytes)
+    copy = torch.ones(total, dtype=torch.uint8)  # the ceiling reads as many bytes (written: not the zero page)
+
+    def step(side: int) -> float:
+        start = time.perf_counter()
+        if side == 2:
+            cpu_linear.read_memory(copy)
+        else:
+            for call in calls:
+                call(libs[side])
+        return time.perf_counter() - start
+
+    times: list[list[float]] = [[], [], []]
+    for side in (0, 1, 2):
+        step(side)
+    for i in range(args.pairs):
+        for side in (0, 1, 2) if i % 2 == 0 else (1, 0, 2):
+            times[side].append(step(side))
+    ratios = sorted(b / a for a, b in zip(times[0], times[1]))
+    rate = [total / statistics.median(t) / 1e9 for t in times]
+    print(f"{args.shape} {args.quantize} decode products, {args.rows} row(s), {args.threads} thread(s), "
+          f"{total / 1e6:.0f} MB a step: A ({args.baseline}) {rate[0]:.1f} GB/s, B (here) {rate[1]:.1f} GB/s, "
+          f"read ceiling {rate[2]:.1f} GB/s ({min(total / t / 1e9 for t in times[2]):.1f}-"
+          f"{max(total / t / 1e9 for t in times[2]):.1f}); B's time / A's {statistics.median(ratios):.3f} "
+          f"(quartiles {ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f})")
+
+
+if __name__ == "__main__":
+    main()
