@@ -9,8 +9,9 @@ Everything it needs goes under --work_dir, none of it into this project's requir
 2. A transformers LlamaForCausalLM of the Llama 3.2 1B shape with random bf16 weights and the
    32k sentencepiece vocabulary shipped in mistral-common, saved with save_pretrained, converted
    by llama.cpp's own convert_hf_to_gguf.py to bf16, then llama-quantize'd to Q8_0 and --pure Q4_0.
-3. Rounds alternating llama-bench (pp/tg) and this project's benchmark.py (--random_weights
-   llama3.2-1b, its 128k vocabulary, --compile), the same threads, prompt and generated lengths.
+3. Rounds of llama-bench (pp/tg) and this project's benchmark.py (--random_weights llama3.2-1b,
+   its 128k vocabulary, --compile), the same threads, prompt and generated lengths: format by
+   format, the two back to back, which goes first alternating.
 
 The vocabularies differ (32k vs 128k), so decode is compared in bytes a step reads times tokens
 per second. llama.cpp's bytes per step: every tensor of the GGUF as stored except the token
@@ -141,22 +142,19 @@ def llama_bench(binaries: Path, model: Path, args: argparse.Namespace) -> dict[s
             "decode_tok_s": next(rate(t) for t in tests if t["n_gen"] and not t["n_prompt"])}
 
 
-def ours(args: argparse.Namespace, work: Path, round_no: int) -> dict[str, dict[str, float]]:
-    """benchmark.py's figures per --quantize name (its three models built together)."""
-    report = work / f"ours-round{round_no}.json"
+def ours(args: argparse.Namespace, work: Path, round_no: int, name: str) -> dict[str, float]:
+    """benchmark.py's figures for one --quantize name."""
+    report = work / f"ours-round{round_no}-{name}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    run([sys.executable, REPO / "benchmark.py", "--random_weights", SHAPE, "--quantize", "none,int8,int4",
+    run([sys.executable, REPO / "benchmark.py", "--random_weights", SHAPE, "--quantize", name,
          "--compile", "--batch_size", 1, "--prompt_len", args.prompt_len, "--gen_len", args.gen_len,
          "--trials", args.repetitions, "--warmup", 1, "--output_json", report], env=env, cwd=REPO)
-    figures = {}
-    for result in json.loads(report.read_text())["results"]:
-        name = (result["quantize"] or "none").split()[0]
-        figures[name] = {"prefill_tok_s": result["prefill_tokens_per_s"]["median"],
-                         "decode_tok_s": result["decode_tokens_per_s_per_seq"]["median"],
-                         "decode_gb_s": result["roofline"]["achieved_gb_per_s"],
-                         "ceiling_gb_s": result["roofline"]["ceiling_gb_per_s"],
-                         "bytes_per_step": result["bytes_per_decode_step"]}
-    return figures
+    [result] = json.loads(report.read_text())["results"]
+    return {"prefill_tok_s": result["prefill_tokens_per_s"]["median"],
+            "decode_tok_s": result["decode_tokens_per_s_per_seq"]["median"],
+            "decode_gb_s": result["roofline"]["achieved_gb_per_s"],
+            "ceiling_gb_s": result["roofline"]["ceiling_gb_per_s"],
+            "bytes_per_step": result["bytes_per_decode_step"]}
 
 
 def table(rounds: list[dict]) -> str:
@@ -177,7 +175,8 @@ def table(rounds: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", type=Path, required=True, help="sdist, build, models and reports (several GB)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both (default 2; 0: build and "
+                   "prepare the models only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--gen_len", type=int, default=64)
@@ -197,21 +196,23 @@ def main() -> None:
 
     rounds = []
     for round_no in range(args.rounds):
-        figures, loads = {}, [load()]
-        # Alternate which goes first, so neither always runs in the other's wake.
-        order = ("llama.cpp", "ours") if round_no % 2 == 0 else ("ours", "llama.cpp")
-        for side in order:
-            if side == "ours":
-                figures["ours"] = ours(args, work, round_no)
-            else:
-                figures["llama.cpp"] = {}
-                for name, path in models.items():
-                    rates = llama_bench(binaries, path, args)
+        figures: dict[str, dict] = {"ours": {}, "llama.cpp": {}}
+        loads = [load()]
+        for i, (name, _, _) in enumerate(FORMATS):
+            # Each format's two runs back to back, which goes first alternating, so neither always
+            # runs in the other's wake: the host's memory bandwidth moves from minute to minute
+            # (the benchmark's read ceiling ~36 or ~60 GB/s), and runs minutes apart measure that.
+            order = ("llama.cpp", "ours") if (round_no + i) % 2 == 0 else ("ours", "llama.cpp")
+            for side in order:
+                if side == "ours":
+                    figures["ours"][name] = ours(args, work, round_no, name)
+                else:
+                    rates = llama_bench(binaries, models[name], args)
                     figures["llama.cpp"][name] = {**rates, "decode_gb_s": rates["decode_tok_s"] * steps[name] / 1e9,
                                                   "bytes_per_step": steps[name]}
             loads.append(load())
         rounds.append({**figures, "load_average_1/5/15": loads})
-        print(f"round {round_no + 1} (load averages before/between/after: {', '.join(loads)}):")
+        print(f"round {round_no + 1} (load averages before and after each format: {', '.join(loads)}):")
         for name in models:
             o, l = figures["ours"][name], figures["llama.cpp"][name]
             print(f"  {name}: decode {o['decode_gb_s']:.1f} vs {l['decode_gb_s']:.1f} GB/s "
@@ -219,7 +220,8 @@ def main() -> None:
                   f"prefill {o['prefill_tok_s']:.1f} vs {l['prefill_tok_s']:.1f} tok/s; "
                   f"our ceiling {o['ceiling_gb_s']:.1f} GB/s", flush=True)
         (work / "side_by_side.json").write_text(json.dumps(rounds, indent=2) + "\n")  # kept if a later round fails
-    print(table(rounds))
+    if rounds:
+        print(table(rounds))
 
 
 if __name__ == "__main__":
