@@ -170,17 +170,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    return load_library(_SOURCE)
-
-
-def load_library(source: Path) -> ctypes.CDLL | None:
-    """A cpu_linear.c (this one, or another revision's for an A/B) built for this CPU and loaded."""
+def build_flags() -> tuple[str, ...]:
+    """The compiler flags of cpu_linear.c on this CPU (also for another revision's, in an A/B)."""
     flags = ["-fopenmp"]  # resolves to the OpenMP runtime torch has loaded (the same soname)
     if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
         flags += ["-mavx2", "-mfma"]
-    lib = native.build(source, tuple(flags))
+    return tuple(flags)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = native.build(_SOURCE, build_flags())
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         c_int = ctypes.c_int

@@ -1,4 +1,4 @@
-"""cpu_linear.c as it is here (B) against another git revision's (A), in one process: the products
+"""cpu_linear.c as it is here, or at --revision (B), against another git revision's (A), in one process: the products
 of a decode step (every linear layer of a model's shape, fused as the kernels get them: wqkv, wo,
 w13, w2 per layer, then the output), their weights streamed from memory, the two builds
 alternating step by step. Wall time with --threads threads; medians of each side's GB/s and of
@@ -7,6 +7,7 @@ the per-pair ratios (B's time / A's), with their quartiles (the noise). The memo
 from minute to minute, which is why only the ratio of one run counts.
 
     python3 tools/cpu_kernels_revisions_ab.py --baseline main --quantize int4 [--rows 1] [--threads 2]
+    python3 tools/cpu_kernels_revisions_ab.py --baseline 8049c09^ --revision 8049c09 --quantize bf16
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as python3 tools/...
 
 from llama import benchmarking as bench  # noqa: E402
-from llama import cpu_linear  # noqa: E402
+from llama import cpu_linear, native  # noqa: E402
 
 
 def layer_shapes(shape: str) -> list[tuple[int, int]]:
@@ -57,9 +58,24 @@ def product(fmt: str, n: int, k: int, rows: int, group: int, threads: int) -> tu
             w.numel() + s.numel() * 2)
 
 
+def load_revision(revision: str, tmp: Path) -> ctypes.CDLL | None:
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:llama/cpu_linear.c"],
+                            capture_output=True, check=True).stdout
+    path = tmp / revision.replace("/", "_") / "cpu_linear.c"
+    path.parent.mkdir()
+    path.write_bytes(source)
+    lib = native.build(path, cpu_linear.build_flags())
+    if lib is not None:  # the two functions called here, in every revision since AVX-512 came in
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int, c_int]
+        lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
+    return lib
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="HEAD", help="the git revision whose llama/cpu_linear.c is A")
+    p.add_argument("--revision", help="the git revision whose llama/cpu_linear.c is B (default: this checkout's file)")
     p.add_argument("--quantize", default="int4", choices=["bf16", "int8", "int4"])
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--shape", default="llama3.2-1b", choices=sorted(bench.SHAPES))
@@ -68,12 +84,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:llama/cpu_linear.c"],
-                            capture_output=True, check=True).stdout
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = Path(tmp) / "cpu_linear.c"
-        baseline.write_bytes(source)
-        libs = (cpu_linear.load_library(baseline), cpu_linear._library())
+        libs = (load_revision(args.baseline, Path(tmp)),
+                load_revision(args.revision, Path(tmp)) if args.revision else cpu_linear._library())
     if None in libs:
         sys.exit("cpu_linear.c did not build here")
     calls, nbytes = zip(*(product(args.quantize, n, k, args.rows, args.group_size, args.threads)
@@ -99,7 +112,8 @@ def main() -> None:
     ratios = sorted(b / a for a, b in zip(times[0], times[1]))
     rate = [total / statistics.median(t) / 1e9 for t in times]
     print(f"{args.shape} {args.quantize} decode products, {args.rows} row(s), {args.threads} thread(s), "
-          f"{total / 1e6:.0f} MB a step: A ({args.baseline}) {rate[0]:.1f} GB/s, B (here) {rate[1]:.1f} GB/s, "
+          f"{total / 1e6:.0f} MB a step: A ({args.baseline}) {rate[0]:.1f} GB/s, B ({args.revision or 'here'}) "
+          f"{rate[1]:.1f} GB/s, "
           f"read ceiling {rate[2]:.1f} GB/s ({min(total / t / 1e9 for t in times[2]):.1f}-"
           f"{max(total / t / 1e9 for t in times[2]):.1f}); B's time / A's {statistics.median(ratios):.3f} "
           f"(quartiles {ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f})")
