@@ -206,11 +206,12 @@ static const bf16_rows_fn BF16_ROWS[][7] = {
  * stream that its prefetches run ahead of, while a thread the OS puts aside (another process
  * wanting the core) still delays only a short run at the end. Taken one block at a time
  * (`dynamic, 1`, as before), the threads alternated, and each prefetched the next block, the
- * other thread's, into its own L2. Measured on the AMD EPYC (Zen 4, 2 threads; the products of a
- * llama3.2-1b decode step, streamed from memory, the two builds alternating in one process):
- * int4 28.5-29.9 -> 38.7-41.6 GB/s at 1 activation row, 20.0 -> 22.5 at 4; int8 0.90-0.94x the
- * time; bf16 0.97-0.98x; with the other core busy no slower (bf16 0.72x, int4 0.96x, wide
- * spreads). */
+ * other thread's, into its own L2. Measured on the AMD EPYC (Zen 4, 2 threads;
+ * tools/cpu_kernels_revisions_ab.py --baseline a05357b^ --revision a05357b: the products of a
+ * llama3.2-1b decode step, streamed from memory), the time against `dynamic, 1`'s: int4 at 1
+ * activation row 0.94x while memory read ~37 GB/s, 0.73x (31.0 -> 42.1 GB/s) while it read ~63;
+ * int8 0.90-0.97x; bf16 0.94-0.97x. With the other core busy (`yes`), int4 0.98x and bf16 1.21x,
+ * their quartiles 0.87-1.11 and 0.77-1.75: too wide to tell. */
 
 /* y (M x N) = x (M x K) @ w (N x K, row stride ldw).T, all bfloat16, with the kernels of `isa`
  * (ISA_AVX512: avx512_bf16, which the caller has checked). Returns 0, or -1 if out of memory for

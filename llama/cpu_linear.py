@@ -170,28 +170,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def build_flags() -> tuple[str, ...]:
-    """The compiler flags of cpu_linear.c on this CPU (also for another revision's, in an A/B)."""
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    return load_library(_SOURCE)
+
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+# The library's functions and their arguments (all return int but read_memory).
+_SIGNATURES = {
+    "bf16_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _int, _int],
+    "quantized_linear": [_ptr, _i64, _i64, _int, _ptr, _i64, _ptr, _int, _i64, _i64, _ptr, _int, _int],
+    "dequantize_rows": [_ptr, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _int, _int],
+    "int8_order": [_i64, _ptr],
+    "read_memory": [_ptr, _i64, _int],
+    "decode_attention": [_ptr, _int, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_float,
+                         _ptr, _int],
+}
+
+
+def load_library(source: Path) -> ctypes.CDLL | None:
+    """`source` (this cpu_linear.c, or another revision's for an A/B: tools/cpu_kernels_revisions_ab.py)
+    built for this CPU and loaded, its functions declared (those an older revision has)."""
     flags = ["-fopenmp"]  # resolves to the OpenMP runtime torch has loaded (the same soname)
     if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
         flags += ["-mavx2", "-mfma"]
-    return tuple(flags)
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    lib = native.build(_SOURCE, build_flags())
+    lib = native.build(source, tuple(flags))
     if lib is not None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        c_int = ctypes.c_int
-        lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int, c_int]
-        lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
-        lib.dequantize_rows.argtypes = [ptr, i64, ptr, c_int, i64, i64, i64, i64, ptr, c_int, c_int]
-        lib.int8_order.argtypes = [i64, ptr]
-        lib.read_memory.argtypes = [ptr, i64, c_int]
+        for name, argtypes in _SIGNATURES.items():
+            if hasattr(lib, name):
+                getattr(lib, name).argtypes = argtypes
         lib.read_memory.restype = ctypes.c_uint64
-        lib.decode_attention.argtypes = [ptr, c_int, ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64,
-                                         ctypes.c_float, ptr, c_int]
     return lib
 
 

@@ -28,15 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as python3 tools/...
 
 from llama import benchmarking as bench  # noqa: E402
-from llama import cpu_linear, native  # noqa: E402
+from llama import cpu_linear, quantize  # noqa: E402
 
 
 def layer_shapes(shape: str) -> list[tuple[int, int]]:
-    """(out, in) of each product of a decode step, in order."""
+    """(out, in) of each product of a decode step, in order: a layer's weights as
+    quantize.pack_for_device fuses them, then the output."""
     args = bench.random_model_args(shape, None, 1, "bfloat16")
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    layer = [(q + 2 * kv, args.dim), (args.dim, q), (2 * args.ffn_hidden_dim, args.dim), (args.dim, args.ffn_hidden_dim)]
-    return layer * args.n_layers + [(args.vocab_size, args.dim)]
+    weights = args.weight_shapes()
+    layer = []
+    for prefix, names in (("attention", quantize.FUSED["wqkv"]), ("attention", ("wo",)),
+                          ("feed_forward", quantize.FUSED["w13"]), ("feed_forward", ("w2",))):
+        parts = [weights[f"layers.0.{prefix}.{name}.weight"] for name in names]
+        layer.append((sum(rows for rows, _ in parts), parts[0][1]))
+    return layer * args.n_layers + [weights["output.weight"]]
 
 
 def product(fmt: str, n: int, k: int, rows: int, group: int, threads: int) -> tuple[Callable[[ctypes.CDLL], int], int]:
@@ -64,13 +69,7 @@ def load_revision(revision: str, tmp: Path) -> ctypes.CDLL | None:
     path = tmp / revision.replace("/", "_") / "cpu_linear.c"
     path.parent.mkdir()
     path.write_bytes(source)
-    lib = native.build(path, cpu_linear.build_flags())
-    if lib is not None:  # the two functions called here, in every revision since AVX-512 came in
-        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int, c_int]
-        lib.quantized_linear.argtypes = [ptr, i64, i64, c_int, ptr, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
-    return lib
-
+    return cpu_linear.load_library(path)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -60,8 +60,9 @@ def _compile_decode(device_type: str) -> DecodeStep:
     # 1.7-3.0 TB/s against 0.65-0.72 for the unfused conversion, which writes a bf16 copy first.
     # The step's Python wrapper checks the size and strides of every custom operator's output
     # against its fake (81 checks a llama3.2-1b step): off, the wrapper's own time on CPU 1.6 ->
-    # 1.2 ms a step (AMD EPYC Zen 4, int4, 2 threads, profiled). The operators' outputs are
-    # contiguous, as their fakes say (llama.cpu_linear, llama.shm_collectives).
+    # 1.2 ms a step (AMD EPYC Zen 4, int4, 2 threads: the compiled graph's self time in
+    # tools/decode_step_profile.py). The operators' outputs are contiguous, as their fakes say
+    # (llama.cpu_linear, llama.shm_collectives).
     options = {"triton.cudagraphs": cuda, "coordinate_descent_tuning": cuda, "size_asserts": False}
     if not CAN_ISOLATE:  # older torch: steps share one cache, told apart by guards
         return torch.compile(_decode, fullgraph=True, dynamic=False, options=options)
