@@ -1,6 +1,7 @@
 /* y = x @ w.T for a few rows of bfloat16 activations x and a bfloat16 weight w, accumulated in
  * float32 and rounded once, and the same for llama/quantize.py's int8 and int4 weights (their
- * stored layout as it is, below); loaded with ctypes by llama/cpu_linear.py, which says when.
+ * stored layout as it is, below); loaded by llama/cpu_linear.py (which says when) with ctypes, and
+ * built together with cpu_ops.cpp, the same as torch operators, where a C++ compiler is found.
  *
  * Decode is bound by reading the weights. torch's bf16 matrix-vector kernel converts both
  * operands for every output row, and its matrix-matrix kernel for a few rows is compute

@@ -34,6 +34,9 @@ The same library holds the decode step's attention on CPU (decode_attention, any
 builds): each sequence's query against its cached keys and values up to its position, found
 through its block table and read once as stored, where torch's version converts the whole cache
 to float32 and multiplies every position under a mask (0.08 against 0.28-0.39 ms a layer at a 256-token cache, AVX2 EPYC).
+
+Where a C++ compiler builds cpu_ops.cpp into the same library, the kernels are called as torch
+operators with C++ kernels (has_torch_operators), eager and compiled, else through ctypes.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from llama import native
 from llama.errors import UserError
 
 _SOURCE = Path(__file__).with_name("cpu_linear.c")
+_OPERATORS = Path(__file__).with_name("cpu_ops.cpp")
 # At most this many rows go through cpu_linear.c, more are a float32 GEMM. The kernel reads
 # the weight from memory once (further groups of 6 rows find a block of it in cache); MKL's
 # GEMM is slow for so few rows. Measured on 2048 x 8192 bf16 weights, 2 threads: 5.4 vs 2.7
@@ -134,6 +138,11 @@ def _bf16_isa() -> int:
     return _avx512_isa("bf16")
 
 
+@torch.compiler.assume_constant_result  # a constant to torch.compile
+def quantized_isa() -> int:
+    return _quantized_isa()
+
+
 @functools.cache
 def _quantized_isa() -> int:
     """The instruction set of the int8/int4 kernels: AVX-512 with VNNI where the CPU has it."""
@@ -163,6 +172,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     if not uses_bf16_kernel(weight):
         y = F.linear(rows, weight)
+    elif _bf16_kernel_takes(rows, weight) and has_torch_operators():
+        y = torch.ops.tp_llama.bf16_rows(rows, weight, bf16_isa())
     elif torch.compiler.is_compiling():
         y = torch.ops.tp_llama.bf16_linear(rows, weight)
     else:
@@ -172,7 +183,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    return load_library(_SOURCE)
+    lib = load_library(_SOURCE, operators=True)
+    if lib is not None and not hasattr(lib, "has_torch_operators"):  # cpu_ops.cpp did not build
+        _OPS.impl("decode_attention", _decode_attention, "CPU")
+    return lib
 
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -188,13 +202,26 @@ _SIGNATURES = {
 }
 
 
-def load_library(source: Path) -> ctypes.CDLL | None:
+def load_library(source: Path, operators: bool = False) -> ctypes.CDLL | None:
     """`source` (this cpu_linear.c, or another revision's for an A/B: tools/cpu_kernels_revisions_ab.py)
-    built for this CPU and loaded, its functions declared (those an older revision has)."""
+    built for this CPU and loaded, its functions declared (those an older revision has); with
+    `operators`, built together with cpu_ops.cpp (tp_llama's C++ operators, registered as it
+    loads) where a C++ compiler builds it, else alone."""
     flags = ["-fopenmp"]  # resolves to the OpenMP runtime torch has loaded (the same soname)
     if platform.machine().lower() in ("x86_64", "amd64") and torch.cpu._is_avx2_supported():
         flags += ["-mavx2", "-mfma"]
-    lib = native.build(source, tuple(flags))
+    lib = None
+    if operators and native.has_compiler():
+        torch_dir = Path(torch.__file__).parent
+        major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+        # torch's stable ABI, at this torch's version (which also keys the cached library)
+        cxx = [f"-I{torch_dir / 'include'}", f"-DTORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000"]
+        link = (f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch_cpu", "-lstdc++")
+        lib = native.build(_OPERATORS, (*flags, *cxx), also=(source,), link=link,
+                           instead="its kernels are called through Python instead (decode steps a few percent "
+                                   "slower; a C++ compiler, such as g++, builds it)")
+    if lib is None:
+        lib = native.build(source, tuple(flags))
     if lib is not None:
         for name, argtypes in _SIGNATURES.items():
             if hasattr(lib, name):
@@ -203,11 +230,16 @@ def load_library(source: Path) -> ctypes.CDLL | None:
     return lib
 
 
+def _bf16_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T goes through the bf16 kernel (where the library built)."""
+    few = NATIVE_FEW_ROWS if NATIVE_BF16 else FEW_ROWS
+    return x.numel() // weight.shape[1] <= few and x.dtype == torch.bfloat16 and weight.stride(1) == 1
+
+
 def _bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     rows = x.numel() // k
-    few = NATIVE_FEW_ROWS if NATIVE_BF16 else FEW_ROWS
-    if rows <= few and _library() is not None and x.dtype == torch.bfloat16 and weight.stride(1) == 1:
+    if _bf16_kernel_takes(x, weight) and _library() is not None:
         return _bf16_kernel(x, weight)
     if NATIVE_BF16:
         return F.linear(x, weight)
@@ -243,6 +275,21 @@ def _blocked_gemm(x: torch.Tensor, n: int, k: int, fill: Callable[[torch.Tensor,
 
 
 @torch.compiler.assume_constant_result  # a constant to torch.compile
+def has_torch_operators() -> bool:
+    """Whether cpu_ops.cpp built: the kernels are then called as operators with C++ kernels
+    (tp_llama::bf16_rows, quantized_rows, decode_attention), eager and compiled, else through
+    ctypes (compiled: from Python kernels of tp_llama::bf16_linear, quantized_linear and
+    decode_attention)."""
+    return _has_torch_operators()
+
+
+@functools.cache
+def _has_torch_operators() -> bool:
+    lib = _library()
+    return lib is not None and hasattr(lib, "has_torch_operators")
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile
 def has_quantized_kernels() -> bool:
     """Whether int8/int4 weights on this CPU use cpu_linear.c (else torch's kernels); decides
     their operands' layout (llama.quantize.kernel_operands)."""
@@ -259,9 +306,18 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     """x @ dequantized(weight).T for llama.quantize's stored layout: weight int8 (n, k) with
     scales (n,) (group_size 0), or int4 bytes (n, k / 2) with (scale, zero) pairs (n,
     k / group_size, 2); scales bfloat16 or float32. Output in x's dtype."""
+    k = weight.shape[1] * (2 if group_size else 1)
+    if _quantized_kernel_takes(x, k, group_size) and x.dtype in (torch.bfloat16, torch.float32) \
+            and has_torch_operators():
+        return torch.ops.tp_llama.quantized_rows(x, weight, scales, group_size, quantized_isa())
     if torch.compiler.is_compiling():
         return torch.ops.tp_llama.quantized_linear(x, weight, scales, group_size)
     return _quantized_linear(x, weight, scales, group_size)
+
+
+def _quantized_kernel_takes(x: torch.Tensor, k: int, group_size: int) -> bool:
+    """Whether x's rows of k go through the int8/int4 kernels (else a GEMM of dequantized tiles)."""
+    return x.numel() // k <= QUANTIZED_FEW_ROWS and k % (INT4_KERNEL_COLUMNS if group_size else INT8_KERNEL_COLUMNS) == 0
 
 
 def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -275,7 +331,7 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     lib = _library()
     threads = torch.get_num_threads()
     scales_bf16 = scales.dtype == torch.bfloat16
-    if rows > QUANTIZED_FEW_ROWS or k % (INT4_KERNEL_COLUMNS if group_size else INT8_KERNEL_COLUMNS):
+    if not _quantized_kernel_takes(x, k, group_size):
         def fill(block: torch.Tensor, start: int, stop: int) -> None:
             if lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size,
                                    k, start, stop, block.data_ptr(), block.dtype == torch.bfloat16, threads) != 0:
@@ -349,6 +405,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ta
     """llama.model.paged_decode_attention through cpu_linear.c: q (batch, heads, 1, head_dim) against
     the cache blocks k, v (blocks, kv_heads, block_size, head_dim), keys 0..positions[b] of sequence
     b in the blocks block_tables[b] (batch, width)."""
+    if has_torch_operators():  # the operands as the C++ kernel takes them
+        return torch.ops.tp_llama.decode_attention(q.contiguous(), k, v, block_tables.to(torch.int64).contiguous(),
+                                                   positions.reshape(q.shape[0]).to(torch.int64).contiguous())
     if torch.compiler.is_compiling():
         return torch.ops.tp_llama.decode_attention(q, k, v, block_tables, positions)
     return _decode_attention(q, k, v, block_tables, positions)
@@ -380,8 +439,8 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+# Its kernel: cpu_ops.cpp's, or where that did not build the Python one, registered by _library.
 _OPS.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor positions) -> Tensor")
-_OPS.impl("decode_attention", _decode_attention, "CPU")
 
 
 @torch.library.register_fake("tp_llama::decode_attention")
@@ -396,4 +455,20 @@ _OPS.impl("quantized_linear", _quantized_linear, "CPU")
 
 @torch.library.register_fake("tp_llama::quantized_linear")
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# cpu_ops.cpp's operators (their C++ kernels registered as the library loads): the kernels' own
+# cases only (few rows, whole blocks), where the operators above take every case.
+_OPS.define("bf16_rows(Tensor x, Tensor weight, int isa) -> Tensor")
+_OPS.define("quantized_rows(Tensor x, Tensor weight, Tensor scales, int group_size, int isa) -> Tensor")
+
+
+@torch.library.register_fake("tp_llama::bf16_rows")
+def _(x: torch.Tensor, weight: torch.Tensor, isa: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("tp_llama::quantized_rows")
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int, isa: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -1,10 +1,11 @@
-"""Building and loading the project's small C libraries (shm_collectives.c, cpu_linear.c).
+"""Building and loading the project's small native libraries (shm_collectives.c, cpu_linear.c
+with cpu_ops.cpp).
 
-They use no torch headers, so a plain C compiler builds each in about a second, once per
-source, compiler and flags: the result is kept in ~/.cache/tp-llama (XDG_CACHE_HOME) and
-loaded with ctypes. Whatever goes wrong (no compiler, a failing or hanging one, an unwritable
-or untrustworthy cache, a library that will not load), callers fall back to torch's own
-operators, and rank 0 says why in one line.
+They use no torch headers but the header-only stable ABI, so the system's compiler builds each
+in a few seconds, once per sources, compiler and flags: the result is kept in ~/.cache/tp-llama
+(XDG_CACHE_HOME) and loaded with ctypes. Whatever goes wrong (no compiler, a failing or hanging
+one, an unwritable or untrustworthy cache, a library that will not load), callers fall back
+(to torch's own operators, or to cpu_linear.c alone), and rank 0 says why in one line.
 
 Every rank loads what the cache holds, so it is trusted only if it cannot hold someone else's
 library: a folder of this user's (created 0700) that no one else can write, and a file of this
@@ -39,8 +40,8 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tp-llama"
 
 
-def _fall_back(source: Path, why: str) -> None:
-    log(f"warning: {source.name} not built ({why}); using torch's own operators instead", file=sys.stderr)
+def _fall_back(source: Path, why: str, instead: str) -> None:
+    log(f"warning: {source.name} not built ({why}); {instead}", file=sys.stderr)
 
 
 def _compiler() -> list[str] | None:
@@ -50,6 +51,11 @@ def _compiler() -> list[str] | None:
         found = shutil.which("cc") or shutil.which("gcc")
         command = [found] if found else []
     return command if command and shutil.which(command[0]) else None
+
+
+def has_compiler() -> bool:
+    """Whether a C compiler is found (CC, else cc or gcc)."""
+    return _compiler() is not None
 
 
 def _is_private(st: os.stat_result) -> bool:
@@ -84,7 +90,7 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _compile(command: list[str], source: Path, target: Path) -> str | None:
+def _compile(command: list[str], sources: tuple[Path, ...], link: tuple[str, ...], target: Path) -> str | None:
     """Compile into `target` (written under a temporary name, synced, renamed): None, or why not."""
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
@@ -92,7 +98,8 @@ def _compile(command: list[str], source: Path, target: Path) -> str | None:
     except OSError as e:
         return f"cannot write to {target.parent}: {e.strerror or e}"
     try:
-        result = subprocess.run([*command, "-o", tmp, str(source)], capture_output=True, timeout=BUILD_TIMEOUT_S)
+        result = subprocess.run([*command, "-o", tmp, *map(str, sources), *link], capture_output=True,
+                                timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             last = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
             return f"{shlex.join(command[:1])} exited with status {result.returncode}: {last[0][:200]}"
@@ -109,34 +116,38 @@ def _compile(command: list[str], source: Path, target: Path) -> str | None:
             os.unlink(tmp)
 
 
-def build(source: Path, flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """`source` compiled into a shared library and loaded, or None (after one logged line) if it
-    cannot be. Ranks building it at the same time each compile to a temporary name and rename
-    it into place, so none loads a half-written file; a cached library that does not load
-    (truncated, foreign) is rebuilt once."""
+def build(source: Path, flags: tuple[str, ...] = (), *, also: tuple[Path, ...] = (), link: tuple[str, ...] = (),
+          instead: str = "using torch's own operators instead") -> ctypes.CDLL | None:
+    """`source` (with the sources `also`, one shared library: the compiler driver picks each
+    one's language by its suffix; `link`: libraries after them) compiled and loaded, or None
+    (after one logged line ending in `instead`) if it cannot be. Ranks building it at the same
+    time each compile to a temporary name and rename it into place, so none loads a half-written
+    file; a cached library that does not load (truncated, foreign) is rebuilt once."""
     compiler = _compiler()
     if compiler is None:
         cc = os.environ.get("CC", "")
         _fall_back(source, f"no C compiler: CC={cc!r} is not a command" if cc.strip() else "no C compiler: no cc or "
-                   "gcc on PATH; install one or set CC")
+                   "gcc on PATH; install one or set CC", instead)
         return None
+    sources = (source, *also)
     command = [*compiler, "-O3", "-shared", "-fPIC", *flags]
-    key = hashlib.sha256(source.read_bytes() + " ".join((*command, os.uname().machine)).encode()).hexdigest()[:16]
+    contents = b"".join(path.read_bytes() for path in sources)
+    key = hashlib.sha256(contents + " ".join((*command, *link, os.uname().machine)).encode()).hexdigest()[:16]
     cache = _trusted_cache()
     folder = cache or Path(tempfile.mkdtemp(prefix="tp-llama-"))
     target = folder / f"{source.stem}-{key}.so"
     try:
         for attempt in (1, 2):
             if not target.exists() and not target.is_symlink():
-                why = _compile(command, source, target)
+                why = _compile(command, sources, link, target)
                 if why:
-                    _fall_back(source, why)
+                    _fall_back(source, why, instead)
                     return None
             try:
                 return _load(target)
             except OSError as e:
                 if attempt == 2:
-                    _fall_back(source, f"{target} does not load: {e}")
+                    _fall_back(source, f"{target} does not load: {e}", instead)
                     return None
                 target.unlink(missing_ok=True)  # truncated or foreign: build it again
     finally:

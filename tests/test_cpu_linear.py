@@ -344,3 +344,72 @@ def test_read_memory_reads_every_line_once(threads):
             assert cpu_linear.read_memory(words) == expected
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpp_operators_call_the_same_kernels(kernel_isa):
+    """cpu_ops.cpp's operators (what a decode step calls where a C++ compiler is found, as here)
+    give what the ctypes calls of the same kernels give, bit for bit: every rows count the kernels
+    take, bf16 and float32 activations, activations that are not contiguous, int8 and int4."""
+    from llama import quantize
+
+    forced(kernel_isa, cpu_linear._quantized_isa(), "VNNI")
+    assert cpu_linear.has_torch_operators()
+    isa = cpu_linear._quantized_isa()
+    g = torch.Generator().manual_seed(3)
+    for group, dtype in itertools.product([0, 32, 128], [torch.float32, torch.bfloat16]):
+        scheme = quantize.Scheme("int4", group) if group else quantize.Scheme("int8")
+        stored = quantize.quantize(torch.randn(77, 256, generator=g) * 0.05, scheme, dtype)
+        operands = quantize.kernel_operands(scheme, stored["weight"], stored["scales"], stored.get("zeros"), dtype)
+        x = torch.randn(cpu_linear.QUANTIZED_FEW_ROWS, 2, 256, generator=g).to(dtype)[:, 1]  # rows 512 apart
+        for rows in (1, 2, 5, cpu_linear.QUANTIZED_FEW_ROWS):
+            got = torch.ops.tp_llama.quantized_rows(x[:rows], *operands, group, isa)
+            assert torch.equal(got, cpu_linear._quantized_linear(x[:rows], *operands, group)), (group, dtype, rows)
+            assert torch.equal(cpu_linear.quantized_linear(x[:rows], *operands, group), got)
+    bf16_isa = cpu_linear._bf16_isa()
+    w = torch.randn(130, 300, generator=g).bfloat16()
+    x = torch.randn(6, 2, 300, generator=g).bfloat16()[:, 0]
+    for rows in (1, 3, 6):
+        assert torch.equal(torch.ops.tp_llama.bf16_rows(x[:rows], w, bf16_isa), cpu_linear._bf16_kernel(x[:rows], w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpp_attention_operator_is_the_ctypes_call(dtype):
+    """The decode attention operator (cpu_ops.cpp's kernel) and the ctypes call, bit for bit, with
+    int32 positions and a query that is not contiguous, as the wrapper's caller may pass them."""
+    assert cpu_linear.has_torch_operators()
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(12, 2, 16, 64, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(2, 1, 8, 64, generator=g).to(dtype).transpose(1, 2)  # (batch, heads, 1, head_dim)
+    tables = torch.tensor([[3, 7, 1], [0, 11, 5]])
+    positions = torch.tensor([40, 17], dtype=torch.int32)
+    got = cpu_linear.decode_attention(q, k, v, tables, positions)
+    assert torch.equal(got, cpu_linear._decode_attention(q, k, v, tables, positions))
+
+
+def test_without_a_cpp_compiler_the_kernels_are_called_through_python(tmp_path):
+    """Where cpu_ops.cpp does not build (here: a compiler that fails on C++ sources), rank 0 says so
+    in one line and the kernels are still used, through the Python operators, compiled or not."""
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in *.cpp) echo "no C++ here" >&2; exit 1;; esac; done\n'
+                  'exec gcc "$@"\n')
+    cc.chmod(0o755)
+    check = """
+import torch
+from llama import cpu_linear
+from llama.model import KVCache, paged_decode_attention
+assert not cpu_linear.has_torch_operators() and cpu_linear.has_quantized_kernels()
+x, w = torch.randn(1, 64).bfloat16(), torch.randn(48, 64).bfloat16()
+assert torch.equal(torch.compile(cpu_linear.linear, fullgraph=True)(x, w), cpu_linear.linear(x, w))
+cache = KVCache(4, 2, 16, 64, torch.bfloat16, torch.device("cpu"))
+cache.k.normal_(), cache.v.normal_()
+q, tables, positions = torch.randn(1, 4, 1, 64).bfloat16(), torch.tensor([[2, 0]]), torch.tensor([20])
+eager = paged_decode_attention(q, cache, tables, positions)
+assert torch.equal(torch.compile(paged_decode_attention, fullgraph=True)(q, cache, tables, positions), eager)
+print("ok")
+"""
+    env = {**os.environ, "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: cpu_ops.cpp not built (") \
+        and "no C++ here" in warnings[0] and "through Python instead" in warnings[0], result.stderr[-3000:]
