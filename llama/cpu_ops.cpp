@@ -6,7 +6,7 @@
  * Why: a compiled decode step makes about 80 of these calls (llama3.2-1b), and each through a
  * Python kernel (the dispatcher back into Python, then ctypes) costs 10-25 us more, with the
  * caches cold from streaming the product before's weights: without it a step takes 2-3.5% longer
- * (the README's figures: tools/decode_step_profile.py --ab_python_operators). */ */
+ * (the README's figures: tools/decode_step_profile.py --ab_python_operators). */
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>

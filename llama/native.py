@@ -101,8 +101,10 @@ def _compile(command: list[str], sources: tuple[Path, ...], link: tuple[str, ...
         result = subprocess.run([*command, "-o", tmp, *map(str, sources), *link], capture_output=True,
                                 timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
-            last = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            return f"{shlex.join(command[:1])} exited with status {result.returncode}: {last[0][:200]}"
+            lines = result.stderr.decode(errors="replace").strip().splitlines() or [""]
+            # the first error, not the last line (GCC ends an error with the source line and a caret)
+            first_error = next((line for line in lines if "error:" in line), lines[-1])
+            return f"{shlex.join(command[:1])} exited with status {result.returncode}: {first_error.strip()[:200]}"
         with open(tmp, "rb") as f:  # on disk before the name points at it: no empty file after a crash
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -59,6 +59,13 @@ def test_missing_or_failing_compiler(tmp_path, source, monkeypatch, capsys, cc, 
     assert cached(tmp_path) == []  # no temporary file left behind
 
 
+def test_a_compile_error_is_named(tmp_path, source, capsys):
+    """The warning quotes the compiler's first error, not its last line (GCC's caret under the code)."""
+    source.write_text("int answer(void) { return 42 }\n")
+    assert native.build(source) is None
+    one_warning(capsys, "answer.c:1:", "error")
+
+
 def test_compiler_that_hangs(tmp_path, source, monkeypatch, capsys):
     hang = tmp_path / "hang"
     hang.write_text("#!/bin/sh\nsleep 30\n")
