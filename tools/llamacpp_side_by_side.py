@@ -19,7 +19,11 @@ embedding (one row of it is read), plus the f16 KV cache of the positions attend
 generates from an empty cache: on average (gen_len + 1) / 2). Ours: benchmark.py's own count
 (linear weights as stored, norms, one embedding row, the bf16 KV cache attended). Prefill
 tokens per second compare directly: both compute the logits of the prompt's last token only.
-Each round records the load average; ratios are taken within a round and their median printed.
+Each round records the load average, and the read ceiling (llama.cpu_linear.read_memory, as
+benchmark.py measures its own) just before and after each llama-bench run: this host's memory
+bandwidth moves between ~36 and ~62 GB/s from minute to minute, so that two runs a minute apart
+may meet different memory, and decode is also compared as each run's share of the ceiling
+measured around it. Ratios are taken within a round and their median printed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +133,27 @@ def gguf_decode_bytes(source: Path, path: Path, positions: float) -> float:
     return total + kv_per_position * positions
 
 
+_READ_BUFFER = []  # 1 GiB for read_ceiling_gb_s, made once
+
+
+def read_ceiling_gb_s(threads: int) -> float:
+    """The memory read ceiling now, as benchmark.py measures its own: the fastest of 3 reads of
+    1 GiB by llama.cpu_linear.read_memory (every thread its own part, prefetched)."""
+    import torch
+
+    from llama import cpu_linear
+
+    torch.set_num_threads(threads)
+    if not _READ_BUFFER:
+        _READ_BUFFER.append(torch.ones(1 << 30, dtype=torch.uint8))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        cpu_linear.read_memory(_READ_BUFFER[0])
+        times.append(time.perf_counter() - start)
+    return _READ_BUFFER[0].numel() / min(times) / 1e9
+
+
 def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -158,17 +184,23 @@ def ours(args: argparse.Namespace, work: Path, round_no: int, name: str) -> dict
 
 
 def table(rounds: list[dict]) -> str:
-    """Markdown: medians over rounds of each figure, and of the per-round ratios."""
-    lines = ["| format | decode GB/s, ours vs llama.cpp | prefill tok/s, ours vs llama.cpp |", "|---|---|---|"]
+    """Markdown: medians over rounds of each figure, and of the per-round ratios. The share of the
+    read ceiling compares runs that met the host's memory at different speeds."""
+    lines = ["| format | decode GB/s, ours vs llama.cpp | decode, share of the read ceiling around each run | "
+             "prefill tok/s, ours vs llama.cpp |", "|---|---|---|---|"]
+    share = lambda f: f["decode_gb_s"] / f["ceiling_gb_s"]  # noqa: E731
     for name, kind, _ in FORMATS:
         cells = []
-        for metric, digits in (("decode_gb_s", 1), ("prefill_tok_s", 0)):
-            a = [r["ours"][name][metric] for r in rounds]
-            b = [r["llama.cpp"][name][metric] for r in rounds]
+        for metric, digits, percent in (("decode_gb_s", 1, False), (share, 0, True), ("prefill_tok_s", 0, False)):
+            value = metric if callable(metric) else lambda f, m=metric: f[m]
+            a = [value(r["ours"][name]) for r in rounds]
+            b = [value(r["llama.cpp"][name]) for r in rounds]
             ratio = statistics.median([x / y for x, y in zip(a, b)])
-            cells.append(f"{statistics.median(a):.{digits}f} vs {statistics.median(b):.{digits}f} ({ratio:.2f}×)")
+            scale, unit = (100, "%") if percent else (1, "")
+            cells.append(f"{scale * statistics.median(a):.{digits}f}{unit} vs {scale * statistics.median(b):.{digits}f}"
+                         f"{unit} ({ratio:.2f}×)")
         label = "bf16" if kind == "bf16" else f"{name} vs {kind}"
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -206,10 +238,13 @@ def main() -> None:
             for side in order:
                 if side == "ours":
                     figures["ours"][name] = ours(args, work, round_no, name)
-                else:
+                else:  # its ceiling measured just before and after it (the lower: the harder share for us)
+                    before = read_ceiling_gb_s(args.threads)
                     rates = llama_bench(binaries, models[name], args)
+                    ceilings = [before, read_ceiling_gb_s(args.threads)]
                     figures["llama.cpp"][name] = {**rates, "decode_gb_s": rates["decode_tok_s"] * steps[name] / 1e9,
-                                                  "bytes_per_step": steps[name]}
+                                                  "bytes_per_step": steps[name], "ceiling_gb_s": min(ceilings),
+                                                  "ceilings_gb_s": ceilings}
             loads.append(load())
         rounds.append({**figures, "load_average_1/5/15": loads})
         print(f"round {round_no + 1} (load averages before and after each format: {', '.join(loads)}):")
@@ -217,8 +252,9 @@ def main() -> None:
             o, l = figures["ours"][name], figures["llama.cpp"][name]
             print(f"  {name}: decode {o['decode_gb_s']:.1f} vs {l['decode_gb_s']:.1f} GB/s "
                   f"({o['decode_tok_s']:.2f} vs {l['decode_tok_s']:.2f} tok/s), "
-                  f"prefill {o['prefill_tok_s']:.1f} vs {l['prefill_tok_s']:.1f} tok/s; "
-                  f"our ceiling {o['ceiling_gb_s']:.1f} GB/s", flush=True)
+                  f"prefill {o['prefill_tok_s']:.1f} vs {l['prefill_tok_s']:.1f} tok/s; ceilings "
+                  f"{o['ceiling_gb_s']:.1f} (ours) and {'/'.join(f'{c:.1f}' for c in l['ceilings_gb_s'])} GB/s "
+                  "(before/after llama.cpp's)", flush=True)
         (work / "side_by_side.json").write_text(json.dumps(rounds, indent=2) + "\n")  # kept if a later round fails
     if rounds:
         print(table(rounds))
