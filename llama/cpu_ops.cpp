@@ -1,11 +1,11 @@
 /* cpu_linear.c's kernels as torch operators with C++ kernels: tp_llama::bf16_rows,
  * tp_llama::quantized_rows and tp_llama::decode_attention (their schemas and fake kernels are in
  * cpu_linear.py). Built into the same library as cpu_linear.c, against torch's stable C++ ABI
- * (header-only: about a second to compile), when a C++ compiler is found.
+ * (header-only, so it compiles in about as long as cpu_linear.c does), when a C++ compiler is found.
  *
- * Why: a compiled decode step makes about 80 of these calls (llama3.2-1b), and each through a
- * Python kernel (the dispatcher back into Python, then ctypes) costs 10-25 us more, with the
- * caches cold from streaming the product before's weights: without it a step takes 2-3.5% longer
+ * Why: a compiled decode step makes about 80 of these calls (llama3.2-1b), and through a Python
+ * kernel each goes from the dispatcher back into Python, then through ctypes, with the caches
+ * cold from streaming the product before's weights: without these a step takes 2-3.5% longer
  * (the README's figures: tools/decode_step_profile.py --ab_python_operators). */
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>

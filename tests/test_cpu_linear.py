@@ -364,7 +364,10 @@ def test_cpp_operators_call_the_same_kernels(kernel_isa):
         for rows in (1, 2, 5, cpu_linear.QUANTIZED_FEW_ROWS):
             got = torch.ops.tp_llama.quantized_rows(x[:rows], *operands, group, isa)
             assert torch.equal(got, cpu_linear._quantized_linear(x[:rows], *operands, group)), (group, dtype, rows)
-            assert torch.equal(cpu_linear.quantized_linear(x[:rows], *operands, group), got)
+            rows_of_x = x[:rows]
+            with RecordedOps() as ops:  # the model's products take the C++ operator, with the same result
+                public = cpu_linear.quantized_linear(rows_of_x, *operands, group)
+            assert ops.names == ["tp_llama.quantized_rows"] and torch.equal(public, got), ops.names
     bf16_isa = cpu_linear._bf16_isa()
     w = torch.randn(130, 300, generator=g).bfloat16()
     x = torch.randn(6, 2, 300, generator=g).bfloat16()[:, 0]

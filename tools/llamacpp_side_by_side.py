@@ -29,6 +29,7 @@ measured around it. Ratios are taken within a round and their median printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -133,7 +134,11 @@ def gguf_decode_bytes(source: Path, path: Path, positions: float) -> float:
     return total + kv_per_position * positions
 
 
-_READ_BUFFER = []  # 1 GiB for read_ceiling_gb_s, made once
+@functools.cache
+def _read_buffer():
+    import torch
+
+    return torch.ones(1 << 30, dtype=torch.uint8)  # 1 GiB, made once
 
 
 def read_ceiling_gb_s(threads: int) -> float:
@@ -144,14 +149,12 @@ def read_ceiling_gb_s(threads: int) -> float:
     from llama import cpu_linear
 
     torch.set_num_threads(threads)
-    if not _READ_BUFFER:
-        _READ_BUFFER.append(torch.ones(1 << 30, dtype=torch.uint8))
-    times = []
+    buffer, times = _read_buffer(), []
     for _ in range(3):
         start = time.perf_counter()
-        cpu_linear.read_memory(_READ_BUFFER[0])
+        cpu_linear.read_memory(buffer)
         times.append(time.perf_counter() - start)
-    return _READ_BUFFER[0].numel() / min(times) / 1e9
+    return buffer.numel() / min(times) / 1e9
 
 
 def load() -> str:
