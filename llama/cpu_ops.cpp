@@ -22,7 +22,7 @@ int quantized_linear(const void *x, int64_t M, int64_t K, int bf16, const void *
                      int sbf16, int64_t group, int64_t N, void *y, int threads, int isa);
 int decode_attention(const void *q, int qbf16, const void *k, const void *v, int cbf16, int64_t B, int64_t H,
                      int64_t KVH, int64_t BS, int64_t D, const int64_t *positions, const int64_t *tables, int64_t W,
-                     float scale, void *out, int threads);
+                     float scale, void *out, int threads, int isa);
 
 /* Whether this library holds the operators (cpu_linear.py asks through ctypes). */
 int has_torch_operators(void) { return 1; }
@@ -78,7 +78,7 @@ Tensor quantized_rows(Tensor x, Tensor weight, Tensor scales, int64_t group_size
 
 /* cpu_linear.decode_attention's operator: q contiguous, block_tables and positions int64 and
  * contiguous (the caller's conversions). */
-Tensor decode_attention_op(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor positions) {
+Tensor decode_attention_op(Tensor q, Tensor k, Tensor v, Tensor block_tables, Tensor positions, int64_t isa) {
   STD_TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && block_tables.is_contiguous() &&
                       positions.is_contiguous() && block_tables.scalar_type() == ScalarType::Long &&
                       positions.scalar_type() == ScalarType::Long,
@@ -88,7 +88,8 @@ Tensor decode_attention_op(Tensor q, Tensor k, Tensor v, Tensor block_tables, Te
   int status = decode_attention(q.data_ptr(), is_bf16(q), k.data_ptr(), v.data_ptr(), is_bf16(k), q.size(0), q.size(1),
                                 k.size(1), k.size(2), head_dim, static_cast<const int64_t *>(positions.data_ptr()),
                                 static_cast<const int64_t *>(block_tables.data_ptr()), block_tables.size(1),
-                                static_cast<float>(std::pow(static_cast<double>(head_dim), -0.5)), out.data_ptr(), threads());
+                                static_cast<float>(std::pow(static_cast<double>(head_dim), -0.5)), out.data_ptr(), threads(),
+                                static_cast<int>(isa));
   STD_TORCH_CHECK(status == 0, "decode_attention: out of memory for the scores");
   return out;
 }

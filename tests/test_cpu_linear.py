@@ -148,11 +148,16 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     (1, 32, 8, 256, 64, 16),  # llama3.2-1b's heads
     (3, 8, 8, 37, 128, 16),  # no grouping; positions 0 and the last, a block partly used
     (2, 6, 2, 19, 16, 5),  # blocks of a size that is not a multiple of the kernel's 8 positions
+    (2, 64, 8, 300, 128, 16),  # llama3.1-70b's heads: 8 a group (AVX-512: 2 at a time)
+    (2, 12, 4, 45, 64, 7),  # 3 a group; blocks of 7, positions not a multiple of 16
 ])
-def test_decode_attention_follows_block_tables_up_to_each_position(shape, dtype):
-    """The C kernel and the torch version (the GPU's, run here on CPU) read each sequence's keys
-    through its block table, in a pool whose blocks are shuffled between sequences."""
+def test_decode_attention_follows_block_tables_up_to_each_position(shape, dtype, kernel_isa):
+    """The C kernel of each instruction set and the torch version (the GPU's, run here on CPU) read
+    each sequence's keys through its block table, in a pool whose blocks are shuffled between
+    sequences. (AVX-512 takes bfloat16 heads of 64 or 128: the other cases run its AVX2 path.)"""
     from llama.model import KVCache, paged_decode_attention, torch_paged_decode_attention
+
+    forced(kernel_isa, cpu_linear._bf16_isa(), "avx512_bf16")
 
     bsz, n_heads, n_kv_heads, seq, head_dim, block = shape
     g = torch.Generator().manual_seed(seq)
@@ -175,8 +180,31 @@ def test_decode_attention_follows_block_tables_up_to_each_position(shape, dtype)
     torch.testing.assert_close(got.double(), expected, **tolerance)
     cache.k.nan_to_num_(0.0), cache.v.nan_to_num_(0.0)  # the torch version multiplies every position by its mask
     torch.testing.assert_close(torch_paged_decode_attention(q, cache, tables, positions), got, **tolerance)
+    torch._dynamo.reset()  # the instruction set is a constant of the compiled graph
     compiled = torch.compile(paged_decode_attention, fullgraph=True)(q, cache, tables, positions)
     torch.testing.assert_close(compiled, got, rtol=0, atol=0)
+
+
+def test_avx512_attention_is_its_own_path():
+    """With bfloat16 heads of 64, the AVX-512 path runs: seen through the one thing it computes
+    otherwise, subnormal bfloat16 queries (vdpbf16ps reads them as zero; a model's queries never
+    are subnormal), which make every score 0 there and each output the values' mean, where the
+    AVX2 path's float32 products of 2^-128 and 2^127 weigh the positions unequally."""
+    if cpu_linear._bf16_isa() != cpu_linear.ISA_AVX512:
+        pytest.skip("this CPU or compiler has no AVX-512 F/BW/VL/DQ with avx512_bf16: its attention cannot run here")
+    g = torch.Generator().manual_seed(3)
+    signs = lambda *shape: torch.randint(0, 2, shape, generator=g).float() * 2 - 1  # noqa: E731
+    k = (signs(20, 8, 16, 64) * 2.0**127).bfloat16()
+    v = torch.randn(20, 8, 16, 64, generator=g).bfloat16()
+    q = (signs(1, 32, 1, 64) * 2.0**-128).bfloat16()
+    assert q.abs().min() > 0
+    tables, positions = torch.randperm(20, generator=g)[:16].view(1, 16), torch.tensor([250])
+    avx2, avx512 = (cpu_linear._decode_attention(q, k, v, tables, positions, isa)
+                    for isa in (cpu_linear.ISA_AVX2, cpu_linear.ISA_AVX512))
+    values = v[tables[0]].permute(1, 0, 2, 3).reshape(8, 256, 64)[:, :251].float()  # (kv heads, positions, dim)
+    mean = values.mean(dim=1).repeat_interleave(4, dim=0).view(1, 32, 1, 64)
+    torch.testing.assert_close(avx512.float(), mean, rtol=2**-7, atol=1e-3)
+    assert (avx2.float() - mean).abs().max() > 0.05
 
 
 @pytest.fixture(params=["avx2", "avx512"])
@@ -376,17 +404,18 @@ def test_cpp_operators_call_the_same_kernels(kernel_isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpp_attention_operator_is_the_ctypes_call(dtype):
+def test_cpp_attention_operator_is_the_ctypes_call(dtype, kernel_isa):
     """The decode attention operator (cpu_ops.cpp's kernel) and the ctypes call, bit for bit, with
     int32 positions and a query that is not contiguous, as the wrapper's caller may pass them."""
     assert cpu_linear.has_torch_operators()
+    forced(kernel_isa, cpu_linear._bf16_isa(), "avx512_bf16")
     g = torch.Generator().manual_seed(5)
     k, v = (torch.randn(12, 2, 16, 64, generator=g).to(dtype) for _ in range(2))
     q = torch.randn(2, 1, 8, 64, generator=g).to(dtype).transpose(1, 2)  # (batch, heads, 1, head_dim)
     tables = torch.tensor([[3, 7, 1], [0, 11, 5]])
     positions = torch.tensor([40, 17], dtype=torch.int32)
     got = cpu_linear.decode_attention(q, k, v, tables, positions)
-    assert torch.equal(got, cpu_linear._decode_attention(q, k, v, tables, positions))
+    assert torch.equal(got, cpu_linear._decode_attention(q, k, v, tables, positions, cpu_linear._bf16_isa()))
 
 
 def test_without_a_cpp_compiler_the_kernels_are_called_through_python(tmp_path):

@@ -6,8 +6,14 @@ the per-pair ratios (B's time / A's), with their quartiles (the noise). The memo
 (cpu_linear.read_memory) of the same bytes is printed beside them: on a shared host it moves
 from minute to minute, which is why only the ratio of one run counts.
 
+With --attention_positions, the decode attention instead (decode_attention, the model shape's
+heads, one sequence, a bfloat16 cache of that many positions in shuffled blocks), the caches
+emptied before each call by reading a buffer larger than them, as a layer's weights do between
+two of its attention calls: the medians of each side's times and of the ratios, per length.
+
     python3 tools/cpu_kernels_revisions_ab.py --baseline main --quantize int4 [--rows 1] [--threads 2]
     python3 tools/cpu_kernels_revisions_ab.py --baseline 8049c09^ --revision 8049c09 --quantize bf16
+    python3 tools/cpu_kernels_revisions_ab.py --baseline main --attention_positions 128,1024
 """
 
 from __future__ import annotations
@@ -63,6 +69,40 @@ def product(fmt: str, n: int, k: int, rows: int, group: int, threads: int) -> tu
             w.numel() + s.numel() * 2)
 
 
+def attention(shape: str, positions: int, threads: int) -> Callable[[ctypes.CDLL], int]:
+    """A call of either build's decode attention over `positions` cached positions (16 a block,
+    the blocks shuffled in a pool of twice as many)."""
+    args = bench.random_model_args(shape, None, 1, "bfloat16")
+    heads, kv_heads, dim, block = args.n_heads, args.n_kv_heads, args.head_dim, 16
+    width = -(-positions // block)
+    k, v = (torch.randn(2 * width, kv_heads, block, dim, dtype=torch.bfloat16) for _ in range(2))
+    q, out = torch.randn(1, heads, 1, dim, dtype=torch.bfloat16), torch.empty(1, heads, 1, dim, dtype=torch.bfloat16)
+    tables = torch.randperm(2 * width)[:width].view(1, width).contiguous()
+    last = torch.tensor([positions - 1])
+    return lambda lib: lib.decode_attention(q.data_ptr(), 1, k.data_ptr(), v.data_ptr(), 1, 1, heads, kv_heads, block,
+                                            dim, last.data_ptr(), tables.data_ptr(), width, dim**-0.5,
+                                            out.data_ptr(), threads, cpu_linear._bf16_isa())
+
+
+def compare_attention(args: argparse.Namespace, libs: tuple[ctypes.CDLL, ...]) -> None:
+    evict = torch.ones(64 << 20, dtype=torch.uint8)  # more than the L2 and L3 caches hold
+    for positions in (int(n) for n in args.attention_positions.split(",")):
+        call = attention(args.shape, positions, args.threads)
+        times: list[list[float]] = [[], []]
+        for i in range(2 * args.pairs):
+            for side in (0, 1) if i % 2 == 0 else (1, 0):
+                cpu_linear.read_memory(evict)
+                start = time.perf_counter()
+                call(libs[side])
+                times[side].append(time.perf_counter() - start)
+        ratios = sorted(b / a for a, b in zip(*times))
+        a, b = (1e6 * statistics.median(t) for t in times)
+        print(f"{args.shape} decode attention, {positions} positions, {args.threads} thread(s), caches emptied before "
+              f"each call: A ({args.baseline}) {a:.1f} us, B ({args.revision or 'here'}) {b:.1f} us; B's time / A's "
+              f"{statistics.median(ratios):.3f} (quartiles {ratios[len(ratios) // 4]:.3f}-"
+              f"{ratios[3 * len(ratios) // 4]:.3f})")
+
+
 def load_revision(revision: str, tmp: Path) -> ctypes.CDLL | None:
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:llama/cpu_linear.c"],
                             capture_output=True, check=True).stdout
@@ -81,6 +121,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1, help="activation rows (the decode batch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pairs", type=int, default=15)
+    p.add_argument("--attention_positions", help="comma-separated cache lengths: time the decode attention instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +129,9 @@ def main() -> None:
                 load_revision(args.revision, Path(tmp)) if args.revision else cpu_linear._library())
     if None in libs:
         sys.exit("cpu_linear.c did not build here")
+    if args.attention_positions:
+        compare_attention(args, libs)
+        return
     calls, nbytes = zip(*(product(args.quantize, n, k, args.rows, args.group_size, args.threads)
                           for n, k in layer_shapes(args.shape)))
     total = sum(nbytes)
