@@ -1218,11 +1218,56 @@ static void dequantize_row(const void *w, int64_t ldw, const void *scales, int s
     }
 }
 
+#if HAVE_AVX512
+/* dequantize_row rounded to bf16, 32 columns at a time (vcvtne2ps2bf16 rounds as f32_to_bf16
+ * does): the same values as dequantize_row then f32_to_bf16, without the float32 row between.
+ * The products of a 128-token prefill of llama3.2-1b (`tools/cpu_kernels_revisions_ab.py --rows
+ * 128`, AMD EPYC Zen 4, 2 threads) took 0.90x the time in int4 and in int8. */
+TARGET_AVX512_BF16 static void dequantize_row_bf16(const void *w, int64_t ldw, const void *scales, int sbf16,
+                                                   int64_t group, int64_t K, int64_t n, uint16_t *o) {
+    if (!group) {
+        const int8_t *row = (const int8_t *)w + n * ldw;
+        __m512 scale = _mm512_set1_ps(element_at(scales, n, sbf16));
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+            __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(row + k))));
+            __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(row + k + 16))));
+            _mm512_storeu_si512(o + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(b, scale), _mm512_mul_ps(a, scale)));
+        }
+        for (; k < K; k++) o[k] = f32_to_bf16(row[k] * element_at(scales, n, sbf16));
+        return;
+    }
+    const uint8_t *row = (const uint8_t *)w + n * ldw;
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (int64_t g = 0, groups = K / group; g < groups; g++) {
+        float s = element_at(scales, (n * groups + g) * 2, sbf16);
+        __m512 scale = _mm512_set1_ps(s), offset = _mm512_set1_ps(element_at(scales, (n * groups + g) * 2 + 1, sbf16) - 8 * s);
+        for (int64_t j = 0; j < group / 2; j += 16) { /* 16 bytes: 32 columns, the high nibble first */
+            __m128i bytes = _mm_loadu_si128((const void *)(row + g * group / 2 + j));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), lo = _mm_and_si128(bytes, nibble);
+            __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)));
+            __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)));
+            _mm512_storeu_si512(o + g * group + 2 * j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(b, scale, offset),
+                                                                                   _mm512_fmadd_ps(a, scale, offset)));
+        }
+    }
+}
+#endif
+
 /* Rows [n0, n1) of that weight into out (row stride K), float32 or rounded to bf16 (out_bf16):
- * the blocks a GEMM multiplies for products of many rows. Returns 0, or -1 if out of memory. */
+ * the blocks a GEMM multiplies for products of many rows. isa ISA_AVX512 (avx512_bf16, which the
+ * caller has checked): bf16 rows without a float32 one between. Returns 0, or -1 if out of memory. */
 int dequantize_rows(const void *w, int64_t ldw, const void *scales, int sbf16, int64_t group, int64_t K, int64_t n0,
-                    int64_t n1, void *out, int out_bf16, int threads) {
+                    int64_t n1, void *out, int out_bf16, int threads, int isa) {
     int failed = 0;
+#if HAVE_AVX512
+    if (out_bf16 && isa == ISA_AVX512) {
+#pragma omp parallel for num_threads(threads)
+        for (int64_t n = n0; n < n1; n++)
+            dequantize_row_bf16(w, ldw, scales, sbf16, group, K, n, (uint16_t *)out + (n - n0) * K);
+        return 0;
+    }
+#endif
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *row = out_bf16 ? malloc((size_t)K * sizeof(float)) : NULL;

@@ -195,7 +195,7 @@ _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "bf16_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _int, _int],
     "quantized_linear": [_ptr, _i64, _i64, _int, _ptr, _i64, _ptr, _int, _i64, _i64, _ptr, _int, _int],
-    "dequantize_rows": [_ptr, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _int, _int],
+    "dequantize_rows": [_ptr, _i64, _ptr, _int, _i64, _i64, _i64, _i64, _ptr, _int, _int, _int],
     "int8_order": [_i64, _ptr],
     "read_memory": [_ptr, _i64, _int],
     "decode_attention": [_ptr, _int, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_float,
@@ -335,7 +335,8 @@ def _quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
     if not _quantized_kernel_takes(x, k, group_size):
         def fill(block: torch.Tensor, start: int, stop: int) -> None:
             if lib.dequantize_rows(weight.data_ptr(), weight.stride(0), scales.data_ptr(), scales_bf16, group_size,
-                                   k, start, stop, block.data_ptr(), block.dtype == torch.bfloat16, threads) != 0:
+                                   k, start, stop, block.data_ptr(), block.dtype == torch.bfloat16, threads,
+                                   _bf16_isa()) != 0:
                 raise MemoryError(f"a row of {k} float32 weights")
         x32 = x.reshape(rows, k).to(torch.float32)
         # int4 rounds the activations as its kernel does; int8's weight columns are in int8_order

@@ -246,6 +246,29 @@ def test_bf16_kernel_of_each_instruction_set(kernel_isa, threads):
         torch.set_num_threads(before)
 
 
+def test_bf16_tiles_are_the_float32_rows_rounded():
+    """dequantize_rows' AVX-512 path (bf16 tiles for prefill's GEMM, straight from the stored
+    values) writes the float32 path's rows rounded to bf16, bit for bit: int8 (1000 columns: a
+    last partial 32) and int4 at every group size, scales bf16 and float32."""
+    from llama import quantize
+
+    if cpu_linear._bf16_isa() != cpu_linear.ISA_AVX512:
+        pytest.skip("this CPU or compiler has no AVX-512 F/BW/VL/DQ with avx512_bf16: its tiles cannot be made here")
+    lib = cpu_linear._library()
+    for (n, k), group, dtype in itertools.product([(40, 256), (9, 4096), (33, 1000)], [0, *quantize.GROUP_SIZES],
+                                                  [torch.float32, torch.bfloat16]):
+        if group and k % group:
+            continue
+        scheme = quantize.Scheme("int4", group) if group else quantize.Scheme("int8")
+        stored = quantize.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + group)), scheme, dtype)
+        w, s = quantize.kernel_operands(scheme, stored["weight"], stored["scales"], stored.get("zeros"), dtype)
+        tiles = [torch.empty(n, k, dtype=torch.bfloat16) for _ in range(2)]
+        for tile, isa in zip(tiles, (cpu_linear.ISA_AVX2, cpu_linear.ISA_AVX512)):
+            assert lib.dequantize_rows(w.data_ptr(), w.stride(0), s.data_ptr(), s.dtype == torch.bfloat16, group, k, 0, n,
+                                       tile.data_ptr(), 1, 2, isa) == 0
+        assert torch.equal(*tiles), (n, k, group, dtype)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quantized_kernels_of_each_instruction_set(kernel_isa, threads):
     """int8 and int4 kernels against the dequantized product, activations and scales float32 and

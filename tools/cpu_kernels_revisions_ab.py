@@ -4,7 +4,9 @@ w13, w2 per layer, then the output), their weights streamed from memory, the two
 alternating step by step. Wall time with --threads threads; medians of each side's GB/s and of
 the per-pair ratios (B's time / A's), with their quartiles (the noise). The memory read ceiling
 (cpu_linear.read_memory) of the same bytes is printed beside them: on a shared host it moves
-from minute to minute, which is why only the ratio of one run counts.
+from minute to minute, which is why only the ratio of one run counts. Quantized products of more
+rows than cpu_linear.QUANTIZED_FEW_ROWS (a prefill's) multiply dequantized tiles, as the model's
+do, and their tokens per second are printed too.
 
 With --attention_positions, the decode attention instead (decode_attention, the model shape's
 heads, one sequence, a bfloat16 cache of that many positions in shuffled blocks), the caches
@@ -64,6 +66,14 @@ def product(fmt: str, n: int, k: int, rows: int, group: int, threads: int) -> tu
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
         s = torch.full((n, k // group, 2), 1e-3, dtype=torch.bfloat16)
     group = group if fmt == "int4" else 0
+    if rows > cpu_linear.QUANTIZED_FEW_ROWS:  # prefill: GEMMs of dequantized tiles, as _quantized_linear's
+        tiles = x if cpu_linear._native_bf16_tiles() else x.float()
+
+        def gemm(lib: ctypes.CDLL) -> None:
+            cpu_linear._blocked_gemm(tiles, n, k, lambda block, start, stop: lib.dequantize_rows(
+                w.data_ptr(), w.stride(0), s.data_ptr(), 1, group, k, start, stop, block.data_ptr(),
+                block.dtype == torch.bfloat16, threads, cpu_linear._bf16_isa()))
+        return gemm, w.numel() + s.numel() * 2
     return (lambda lib: lib.quantized_linear(x.data_ptr(), rows, k, 1, w.data_ptr(), w.stride(0), s.data_ptr(), 1,
                                              group, n, y.data_ptr(), threads, isa),
             w.numel() + s.numel() * 2)
@@ -154,7 +164,12 @@ def main() -> None:
             times[side].append(step(side))
     ratios = sorted(b / a for a, b in zip(times[0], times[1]))
     rate = [total / statistics.median(t) / 1e9 for t in times]
-    print(f"{args.shape} {args.quantize} decode products, {args.rows} row(s), {args.threads} thread(s), "
+    prefill = args.quantize != "bf16" and args.rows > cpu_linear.QUANTIZED_FEW_ROWS
+    if prefill:
+        print(f"prefill tokens/s: A {args.rows / statistics.median(times[0]):.1f}, "
+              f"B {args.rows / statistics.median(times[1]):.1f}")
+    print(f"{args.shape} {args.quantize} {'prefill' if prefill else 'decode'} products, {args.rows} row(s), "
+          f"{args.threads} thread(s), "
           f"{total / 1e6:.0f} MB a step: A ({args.baseline}) {rate[0]:.1f} GB/s, B ({args.revision or 'here'}) "
           f"{rate[1]:.1f} GB/s, "
           f"read ceiling {rate[2]:.1f} GB/s ({min(total / t / 1e9 for t in times[2]):.1f}-"
