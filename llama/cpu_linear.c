@@ -430,7 +430,7 @@ TARGET_AVX512_BF16 static inline __m512 load_bf16_512(const uint16_t *p) {
                 for (int64_t t = t0; t < end; t++, row += D) {                                          \
                     __m512 x[PER];                                                                      \
                     for (int c = 0; c < PER; c++) x[c] = load_bf16_512(row + 16 * c);                   \
-                    for (int j = 0; j < HEADS; j++) {                                                   \
+                    for (int j = 0; j < HEADS; j++) { /* a bound the compiler knows: acc in registers */ \
                         if (j >= n) break;                                                              \
                         __m512 w = _mm512_set1_ps(scores[(g0 + j) * Lp + t]);                           \
                         for (int c = 0; c < PER; c++) acc[j][c] = _mm512_fmadd_ps(w, x[c], acc[j][c]);  \
@@ -1227,14 +1227,15 @@ TARGET_AVX512_BF16 static void dequantize_row_bf16(const void *w, int64_t ldw, c
                                                    int64_t group, int64_t K, int64_t n, uint16_t *o) {
     if (!group) {
         const int8_t *row = (const int8_t *)w + n * ldw;
-        __m512 scale = _mm512_set1_ps(element_at(scales, n, sbf16));
+        float s = element_at(scales, n, sbf16);
+        __m512 scale = _mm512_set1_ps(s);
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
             __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(row + k))));
             __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(row + k + 16))));
             _mm512_storeu_si512(o + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(b, scale), _mm512_mul_ps(a, scale)));
         }
-        for (; k < K; k++) o[k] = f32_to_bf16(row[k] * element_at(scales, n, sbf16));
+        for (; k < K; k++) o[k] = f32_to_bf16(row[k] * s);
         return;
     }
     const uint8_t *row = (const uint8_t *)w + n * ldw;

@@ -52,6 +52,11 @@ def layer_shapes(shape: str) -> list[tuple[int, int]]:
     return layer * args.n_layers + [weights["output.weight"]]
 
 
+def prefill_tiles(fmt: str, rows: int) -> bool:
+    """Whether the model multiplies dequantized tiles for these rows (a prefill's), not a kernel."""
+    return fmt != "bf16" and rows > cpu_linear.QUANTIZED_FEW_ROWS
+
+
 def product(fmt: str, n: int, k: int, rows: int, group: int, threads: int) -> tuple[Callable[[ctypes.CDLL], int], int]:
     """A call of either build's kernel on random operands of this shape, and the weight's bytes."""
     x, y = torch.randn(rows, k, dtype=torch.bfloat16), torch.empty(rows, n, dtype=torch.bfloat16)
@@ -66,7 +71,7 @@ def product(fmt: str, n: int, k: int, rows: int, group: int, threads: int) -> tu
         w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
         s = torch.full((n, k // group, 2), 1e-3, dtype=torch.bfloat16)
     group = group if fmt == "int4" else 0
-    if rows > cpu_linear.QUANTIZED_FEW_ROWS:  # prefill: GEMMs of dequantized tiles, as _quantized_linear's
+    if prefill_tiles(fmt, rows):  # GEMMs of dequantized tiles, as _quantized_linear's
         tiles = x if cpu_linear._native_bf16_tiles() else x.float()
 
         def gemm(lib: ctypes.CDLL) -> None:
@@ -164,7 +169,7 @@ def main() -> None:
             times[side].append(step(side))
     ratios = sorted(b / a for a, b in zip(times[0], times[1]))
     rate = [total / statistics.median(t) / 1e9 for t in times]
-    prefill = args.quantize != "bf16" and args.rows > cpu_linear.QUANTIZED_FEW_ROWS
+    prefill = prefill_tiles(args.quantize, args.rows)
     if prefill:
         print(f"prefill tokens/s: A {args.rows / statistics.median(times[0]):.1f}, "
               f"B {args.rows / statistics.median(times[1]):.1f}")
